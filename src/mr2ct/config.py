@@ -1,0 +1,82 @@
+"""Config helpers shared by the entry points: resolvers, checks before heavy work, the DDP strategy."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+#: repository root (holds conf/); entry points use it as the default project root for outputs/
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = str(PROJECT_ROOT / "conf")
+
+if not OmegaConf.has_resolver("add"):
+    OmegaConf.register_new_resolver("add", lambda *xs: sum(xs))
+
+
+def set_project_root() -> None:
+    """Make ``${paths.root_dir}`` point at the repository unless the user chose otherwise."""
+    os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
+
+
+class ConfigError(ValueError):
+    """A config that cannot work, found before any data is loaded or network built."""
+
+
+def _num_devices(devices: Any) -> int:
+    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        return len(devices)
+    if isinstance(devices, str):
+        if devices == "auto" or devices.strip() == "-1":
+            return 2  # could be several: decide as for several
+        return len([d for d in devices.split(",") if d.strip()]) if "," in devices else int(devices)
+    return 2 if int(devices) == -1 else int(devices)
+
+
+def choose_strategy(trainer_cfg: DictConfig, multirun: bool = False) -> Any:
+    """The Lightning strategy for ``trainer.strategy: auto``.
+
+    One device: ``auto``. Several (or several nodes): DDP with ``find_unused_parameters=True``, because
+    the discriminator backward never reaches the generators' parameters and plain DDP refuses that.
+    Under a Hydra multirun the popen launcher would re-run the whole sweep in each child, so the
+    processes are spawned instead.
+    """
+    strategy = trainer_cfg.get("strategy", "auto")
+    if strategy != "auto":
+        return strategy
+    several = _num_devices(trainer_cfg.get("devices", 1)) > 1 or int(trainer_cfg.get("num_nodes", 1)) > 1
+    if not several:
+        return "auto"
+    return "ddp_spawn_find_unused_parameters_true" if multirun else "ddp_find_unused_parameters_true"
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks that would otherwise fail hours into a run (or silently do the wrong thing)."""
+    patch = list(cfg.data.patch_size)
+    if len(patch) != 3 or any(int(p) <= 0 for p in patch):
+        raise ConfigError(f"data.patch_size must be 3 positive integers, got {patch}")
+    gen = cfg.generator
+    divisor = 1
+    if "strides" in gen:
+        for s in gen.strides:
+            divisor *= int(s)
+    elif "ngf" in gen:
+        divisor = 4
+    bad = [int(p) for p in patch if int(p) % divisor]
+    if bad:
+        raise ConfigError(
+            f"data.patch_size {patch} must be divisible by the generator's total stride {divisor} "
+            f"(generator {gen._target_.rsplit('.', 1)[-1]})"
+        )
+    if int(cfg.data.batch_size) < 1:
+        raise ConfigError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
+    for name, term in cfg.loss.items():
+        if isinstance(term, DictConfig) and float(term.get("weight", 0.0)) < 0:
+            raise ConfigError(f"loss.{name}.weight must be >= 0, got {term.weight}")
+    for key in ("n_epochs", "n_epochs_decay"):
+        if int(cfg.model[key]) < 0:
+            raise ConfigError(f"model.{key} must be >= 0, got {cfg.model[key]}")
+    if int(cfg.model.n_epochs) + int(cfg.model.n_epochs_decay) < 1:
+        raise ConfigError("model.n_epochs + model.n_epochs_decay must be >= 1")

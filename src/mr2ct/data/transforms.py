@@ -1,0 +1,180 @@
+"""MONAI transform chains shared by every dataset: intensity normalisation, patch sampling, augmentation.
+
+Intensities the networks see are in [-1, 1]:
+
+- CT (domain B): Hounsfield units clipped to ``ct_window`` and scaled linearly; :func:`unit_to_hu`
+  is the exact inverse inside the window, used to write synthetic CT back in HU.
+- MRI (domain A): arbitrary units, robust percentile scaling (``mri_percentiles``) to [-1, 1].
+
+Augmentation follows the original offline recipe, but on the fly: a rotation by an angle drawn from
+N(0, sigma) about a random axis, and additive Gaussian noise whose mean is drawn from [-0.1, 0.1] and
+whose std is drawn from {0.01, 0.05, 0.1}.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import (
+    CenterSpatialCropd,
+    Compose,
+    EnsureTyped,
+    MapTransform,
+    RandomizableTransform,
+    RandSpatialCropd,
+    RandSpatialCropSamplesd,
+    Rotate,
+    ScaleIntensityRanged,
+    ScaleIntensityRangePercentilesd,
+    SpatialPadd,
+)
+
+#: value of air / background after normalisation; used to pad volumes smaller than a patch
+BACKGROUND = -1.0
+
+
+def hu_to_unit(hu: torch.Tensor | np.ndarray, window: Sequence[float]) -> Any:
+    """Map Hounsfield units to [-1, 1]: clip to ``window`` = (lo, hi), then scale linearly."""
+    lo, hi = float(window[0]), float(window[1])
+    x = hu.clip(lo, hi) if isinstance(hu, np.ndarray) else hu.clamp(lo, hi)
+    return (x - lo) / (hi - lo) * 2.0 - 1.0
+
+
+def unit_to_hu(x: torch.Tensor | np.ndarray, window: Sequence[float]) -> Any:
+    """Inverse of :func:`hu_to_unit` (values outside [-1, 1] are clipped first)."""
+    lo, hi = float(window[0]), float(window[1])
+    x = x.clip(-1.0, 1.0) if isinstance(x, np.ndarray) else x.clamp(-1.0, 1.0)
+    return (x + 1.0) / 2.0 * (hi - lo) + lo
+
+
+def normalize_ct(keys: KeysCollection, window: Sequence[float]) -> ScaleIntensityRanged:
+    return ScaleIntensityRanged(keys, a_min=float(window[0]), a_max=float(window[1]), b_min=-1.0, b_max=1.0, clip=True)
+
+
+def normalize_mri(keys: KeysCollection, percentiles: Sequence[float]) -> ScaleIntensityRangePercentilesd:
+    return ScaleIntensityRangePercentilesd(
+        keys, lower=float(percentiles[0]), upper=float(percentiles[1]), b_min=-1.0, b_max=1.0, clip=True
+    )
+
+
+class RandGaussianRotated(RandomizableTransform, MapTransform):
+    """Rotate by an angle ~ N(0, ``std_deg``) about one randomly chosen axis (or about each of ``axes``).
+
+    The original data set was inflated with 10 such rotations per volume; here every draw is new.
+    Linear interpolation, border padding (the patch is cropped with a margin beforehand, so the border
+    rarely shows).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        std_deg: float = 10.0,
+        prob: float = 0.5,
+        axes: Sequence[int] | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        self.std_rad = math.radians(std_deg)
+        self.axes = tuple(axes) if axes is not None else None
+        self._angles = (0.0, 0.0, 0.0)
+
+    def randomize(self, data: Any = None) -> None:
+        super().randomize(None)
+        if not self._do_transform:
+            return
+        angles = [0.0, 0.0, 0.0]
+        axes = self.axes if self.axes is not None else (int(self.R.randint(3)),)
+        for ax in axes:
+            angles[ax] = float(self.R.normal(0.0, self.std_rad))
+        self._angles = tuple(angles)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize()
+        if not self._do_transform:
+            return d
+        rotate = Rotate(angle=self._angles, keep_size=True, mode="bilinear", padding_mode="border")
+        for key in self.key_iterator(d):
+            d[key] = rotate(d[key])
+        return d
+
+
+class RandRecipeNoised(RandomizableTransform, MapTransform):
+    """Add Gaussian noise with mean ~ U(``mean_range``) and std drawn from ``stds`` (normalised units)."""
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        prob: float = 0.5,
+        mean_range: Sequence[float] = (-0.1, 0.1),
+        stds: Sequence[float] = (0.01, 0.05, 0.1),
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        self.mean_range = (float(mean_range[0]), float(mean_range[1]))
+        self.stds = tuple(float(s) for s in stds)
+        self._mean, self._std, self._seed = 0.0, 0.0, 0
+
+    def randomize(self, data: Any = None) -> None:
+        super().randomize(None)
+        self._mean = float(self.R.uniform(*self.mean_range))
+        self._std = float(self.stds[int(self.R.randint(len(self.stds)))])
+        self._seed = int(self.R.randint(2**31 - 1))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize()
+        if not self._do_transform:
+            return d
+        gen = torch.Generator().manual_seed(self._seed)
+        for key in self.key_iterator(d):
+            img = d[key]
+            noise = torch.randn(img.shape, generator=gen, dtype=torch.float32) * self._std + self._mean
+            d[key] = img + noise.to(img.device, img.dtype)
+        return d
+
+
+def patch_transforms(
+    keys: KeysCollection,
+    patch_size: Sequence[int],
+    augment: Mapping[str, Any] | None = None,
+    samples_per_volume: int = 1,
+) -> Compose:
+    """Random training patches from a normalised volume, with the recipe's augmentation.
+
+    Volumes smaller than ``patch_size`` are padded with the background value. With rotation on, a
+    patch 25 % larger is cropped, rotated and centre-cropped, so rotated corners hold real anatomy.
+    ``samples_per_volume`` > 1 returns a list of patches from one loaded volume.
+    """
+    augment = dict(augment or {})
+    patch = [int(p) for p in patch_size]
+    rot_std = float(augment.get("rotation_std_deg", 0.0))
+    rot_prob = float(augment.get("rotation_prob", 0.0))
+    rotate = rot_std > 0 and rot_prob > 0
+    crop = [int(math.ceil(p * 1.25)) for p in patch] if rotate else patch
+    xforms: list = [SpatialPadd(keys, spatial_size=crop, mode="constant", value=BACKGROUND)]
+    if samples_per_volume > 1:
+        xforms.append(RandSpatialCropSamplesd(keys, roi_size=crop, num_samples=samples_per_volume, random_size=False))
+    else:
+        xforms.append(RandSpatialCropd(keys, roi_size=crop, random_size=False))
+    if rotate:
+        xforms += [RandGaussianRotated(keys, std_deg=rot_std, prob=rot_prob), CenterSpatialCropd(keys, roi_size=patch)]
+    noise_prob = float(augment.get("noise_prob", 0.0))
+    if noise_prob > 0:
+        xforms.append(
+            RandRecipeNoised(
+                keys,
+                prob=noise_prob,
+                mean_range=augment.get("noise_mean_range", (-0.1, 0.1)),
+                stds=augment.get("noise_stds", (0.01, 0.05, 0.1)),
+            )
+        )
+    xforms.append(EnsureTyped(keys, dtype=torch.float32, track_meta=False))
+    return Compose(xforms)

@@ -1,0 +1,487 @@
+"""CycleGAN loss terms for 3D MRI -> CT translation.
+
+All tensors are 3D volumes of shape ``(B, C, X, Y, Z)`` with intensities in ``[-1, 1]``.
+
+Every loss module carries a float attribute ``weight`` (set from the constructor) but its
+``forward`` returns the **unweighted** loss; the LightningModule multiplies by ``weight``.
+This keeps the maths of each term testable independently of its weight.
+
+Terms
+-----
+* :class:`AdversarialLoss` - LSGAN (default) or vanilla (BCE-with-logits) GAN loss.
+* :class:`CycleLoss` - ``mean |x - F(G(x))|`` (lambda_cycle, default 10).
+* :class:`IdentityLoss` - ``mean |y - G(y)|`` (lambda_identity, default 0.5, *relative*:
+  the model uses ``lambda_identity * lambda_cycle`` as in the CycleGAN reference code).
+* :class:`GradientConsistencyLoss` - ``1 - GC(source, translated)`` (Hiasa et al. 2018).
+* :class:`PerceptualLoss` - VGG16 feature L1/MSE on randomly sampled 2D slices.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "AdversarialLoss",
+    "CycleLoss",
+    "IdentityLoss",
+    "GradientConsistencyLoss",
+    "gradient_correlation",
+    "central_differences",
+    "PerceptualLoss",
+    "VGG16Features",
+    "VGG16_LAYERS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+]
+
+
+def _check_same_shape(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+# --------------------------------------------------------------------------------------
+# Adversarial
+# --------------------------------------------------------------------------------------
+class AdversarialLoss(nn.Module):
+    r"""GAN loss on discriminator outputs.
+
+    ``mode="lsgan"`` (Mao et al. 2017, used by CycleGAN)::
+
+        L(D(x), real) = mean((D(x) - 1)^2)
+        L(D(x), fake) = mean(D(x)^2)
+
+    ``mode="vanilla"``: binary cross-entropy with logits against an all-ones (real) or
+    all-zeros (fake) target, i.e. ``mean(softplus(-D(x)))`` for real and
+    ``mean(softplus(D(x)))`` for fake.
+
+    ``pred`` may be a single tensor or a sequence of tensors (MONAI's
+    ``PatchDiscriminator`` returns the intermediate features with the logits *last*);
+    for a sequence only the last element is used.
+
+    Generator loss: ``loss(D(G(x)), True)``.
+    Discriminator loss: :meth:`discriminator_loss`
+    ``= 0.5 * (loss(D(y), True) + loss(D(G(x)), False))`` (halved, as in CycleGAN).
+    """
+
+    MODES = ("lsgan", "vanilla")
+
+    def __init__(self, weight: float = 1.0, mode: str = "lsgan") -> None:
+        super().__init__()
+        if mode not in self.MODES:
+            raise ValueError(f"AdversarialLoss mode must be one of {self.MODES}, got {mode!r}")
+        self.weight = float(weight)
+        self.mode = mode
+
+    @staticmethod
+    def _select(pred: Tensor | Sequence[Tensor]) -> Tensor:
+        if isinstance(pred, Tensor):
+            return pred
+        if isinstance(pred, Sequence) and len(pred) > 0:
+            last = pred[-1]
+            if not isinstance(last, Tensor):
+                raise TypeError(f"last element of the prediction sequence must be a Tensor, got {type(last)}")
+            return last
+        raise TypeError(f"pred must be a Tensor or a non-empty sequence of Tensors, got {type(pred)}")
+
+    def forward(self, pred: Tensor | Sequence[Tensor], target_is_real: bool) -> Tensor:
+        p = self._select(pred)
+        target = torch.full_like(p, 1.0 if target_is_real else 0.0)
+        if self.mode == "lsgan":
+            return F.mse_loss(p, target)
+        return F.binary_cross_entropy_with_logits(p, target)
+
+    def discriminator_loss(self, pred_real: Tensor | Sequence[Tensor], pred_fake: Tensor | Sequence[Tensor]) -> Tensor:
+        """``0.5 * (loss(pred_real, True) + loss(pred_fake, False))``.
+
+        ``pred_fake`` should come from a *detached* generator output (or an image pool).
+        """
+        return 0.5 * (self(pred_real, True) + self(pred_fake, False))
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}, mode={self.mode!r}"
+
+
+# --------------------------------------------------------------------------------------
+# Cycle / identity
+# --------------------------------------------------------------------------------------
+class CycleLoss(nn.Module):
+    r"""Cycle-consistency loss ``mean |real - reconstructed|`` (L1).
+
+    ``reconstructed = F(G(real))``. ``weight`` is lambda_cycle (default 10.0).
+    """
+
+    def __init__(self, weight: float = 10.0) -> None:
+        super().__init__()
+        self.weight = float(weight)
+
+    def forward(self, real: Tensor, reconstructed: Tensor) -> Tensor:
+        _check_same_shape(real, reconstructed, "real", "reconstructed")
+        return F.l1_loss(reconstructed, real)
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}"
+
+
+class IdentityLoss(nn.Module):
+    r"""Identity loss ``mean |real - G(real)|`` (L1), ``real`` from G's *target* domain.
+
+    ``weight`` is lambda_identity (default 0.5) and is **relative**: the model applies
+    ``lambda_identity * lambda_cycle`` (as in the CycleGAN reference implementation).
+    """
+
+    def __init__(self, weight: float = 0.5) -> None:
+        super().__init__()
+        self.weight = float(weight)
+
+    def forward(self, real: Tensor, same: Tensor) -> Tensor:
+        _check_same_shape(real, same, "real", "same")
+        return F.l1_loss(same, real)
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}"
+
+
+# --------------------------------------------------------------------------------------
+# Gradient consistency (Hiasa et al. 2018)
+# --------------------------------------------------------------------------------------
+def central_differences(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Central-difference gradients of ``x`` (``(B, C, X, Y, Z)``) on the interior.
+
+    ``d/dx x[i, j, k] = (x[i+1, j, k] - x[i-1, j, k]) / 2`` for interior voxels only
+    (no padding, no wrap-around). All three gradients are cropped to the common interior
+    grid ``(X-2, Y-2, Z-2)``, so each spatial size must be at least 3.
+    """
+    if x.dim() != 5:
+        raise ValueError(f"expected a (B, C, X, Y, Z) tensor, got shape {tuple(x.shape)}")
+    if min(x.shape[2:]) < 3:
+        raise ValueError(f"central differences need every spatial size >= 3, got {tuple(x.shape[2:])}")
+    c = slice(1, -1)
+    gx = (x[:, :, 2:, c, c] - x[:, :, :-2, c, c]) * 0.5
+    gy = (x[:, :, c, 2:, c] - x[:, :, c, :-2, c]) * 0.5
+    gz = (x[:, :, c, c, 2:] - x[:, :, c, c, :-2]) * 0.5
+    return gx, gy, gz
+
+
+def _ncc(a: Tensor, b: Tensor, eps: float) -> Tensor:
+    r"""Normalised cross-correlation per (sample, channel) over all spatial voxels.
+
+    ``NCC(a, b) = sum((a - mean a)(b - mean b)) / sqrt(sum (a - mean a)^2 * sum (b - mean b)^2 + eps)``
+
+    Returns shape ``(B, C)``. If either input is constant the numerator is exactly 0, so
+    NCC = 0 (and the gradient is finite, because of ``eps`` inside the square root).
+    """
+    a = a.flatten(2)
+    b = b.flatten(2)
+    a = a - a.mean(dim=-1, keepdim=True)
+    b = b - b.mean(dim=-1, keepdim=True)
+    num = (a * b).sum(dim=-1)
+    den = torch.sqrt((a * a).sum(dim=-1) * (b * b).sum(dim=-1) + eps)
+    return num / den
+
+
+def gradient_correlation(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
+    r"""Per-sample gradient correlation (Hiasa et al. 2018), shape ``(B,)``.
+
+    ``GC(a, b) = 1/3 * sum_{d in x,y,z} NCC(da/dd, db/dd)``
+
+    with central-difference gradients on the interior (:func:`central_differences`) and the
+    NCC taken over the whole volume per sample and per channel (:func:`_ncc`); channels
+    are then averaged. ``GC`` is in ``[-1, 1]``: 1 for ``b = s*a + t`` with ``s > 0``,
+    -1 for ``s < 0``, ~0 for independent noise.
+
+    Degenerate case: if the gradient of ``a`` or ``b`` along an axis is constant (e.g. a
+    constant volume), that axis contributes NCC = 0; a constant volume therefore gives
+    ``GC = 0`` (loss ``1 - GC = 1``), never NaN.
+
+    Computed in at least float32.
+    """
+    _check_same_shape(a, b, "a", "b")
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    ga = central_differences(a.to(dtype))
+    gb = central_differences(b.to(dtype))
+    ncc = torch.stack([_ncc(x, y, eps) for x, y in zip(ga, gb)], dim=0)  # (3, B, C)
+    return ncc.mean(dim=0).mean(dim=1)
+
+
+class GradientConsistencyLoss(nn.Module):
+    r"""Gradient-consistency loss ``1 - GC(source, translated)`` (Hiasa et al. 2018).
+
+    ``GC`` is :func:`gradient_correlation`; the loss is averaged over the batch::
+
+        L = mean_b (1 - GC(source_b, translated_b))
+
+    Range ``[0, 2]``: 0 for identical inputs (or any positive affine intensity change),
+    2 for ``translated = -source``, ~1 for unrelated inputs and exactly 1 for a constant
+    volume (see :func:`gradient_correlation`). Minimising it *maximises* the correlation
+    (the loss is ``1 - GC``, not ``+GC``).
+    """
+
+    def __init__(self, weight: float = 1.0, eps: float = 1e-8) -> None:
+        super().__init__()
+        self.weight = float(weight)
+        self.eps = float(eps)
+
+    def forward(self, source: Tensor, translated: Tensor) -> Tensor:
+        return (1.0 - gradient_correlation(source, translated, eps=self.eps)).mean()
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}, eps={self.eps}"
+
+
+# --------------------------------------------------------------------------------------
+# Perceptual (VGG16 on 2D slices)
+# --------------------------------------------------------------------------------------
+# torchvision.models.vgg16().features configuration ("D"): numbers are conv output
+# channels, "M" is max-pooling. Index layout identical to torchvision.
+_VGG16_CFG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+def _vgg16_layer_names() -> dict[str, int]:
+    names: dict[str, int] = {}
+    idx, block, conv = 0, 1, 0
+    for v in _VGG16_CFG:
+        if v == "M":
+            names[f"pool{block}"] = idx
+            idx += 1
+            block += 1
+            conv = 0
+        else:
+            conv += 1
+            names[f"conv{block}_{conv}"] = idx
+            names[f"relu{block}_{conv}"] = idx + 1
+            idx += 2
+    return names
+
+
+#: layer name -> index in ``features`` (torchvision layout), e.g. ``relu1_2 -> 3``,
+#: ``relu2_2 -> 8``, ``relu3_3 -> 15``, ``relu4_3 -> 22``, ``relu5_3 -> 29``.
+VGG16_LAYERS: dict[str, int] = _vgg16_layer_names()
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class VGG16Features(nn.Module):
+    """VGG16 convolutional trunk with torchvision's ``features`` layout, truncated.
+
+    ``self.features`` is an ``nn.Sequential`` whose indices match
+    ``torchvision.models.vgg16().features``, built only up to index ``last_index``
+    (inclusive), so a torchvision state dict loads with :meth:`load_torchvision_state_dict`.
+    ReLUs are not in-place (no parameters, so the state-dict layout is unchanged).
+    """
+
+    def __init__(self, last_index: int = 30) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_ch = 3
+        for v in _VGG16_CFG:
+            if v == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            else:
+                layers.append(nn.Conv2d(in_ch, int(v), kernel_size=3, padding=1))
+                layers.append(nn.ReLU(inplace=False))
+                in_ch = int(v)
+        if not 0 <= last_index < len(layers):
+            raise ValueError(f"last_index must be in [0, {len(layers) - 1}], got {last_index}")
+        self.features = nn.Sequential(*layers[: last_index + 1])
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # Same scheme as torchvision's VGG.
+        for m in self.features.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+
+    def load_torchvision_state_dict(self, state_dict: dict[str, Tensor]) -> None:
+        """Load a torchvision-format VGG16 state dict (``features.N.weight`` ...).
+
+        ``classifier.*`` keys and ``features`` layers beyond the truncation are ignored; a
+        leading ``module.`` (DataParallel) prefix is stripped. Missing keys for the built
+        layers raise (strict loading).
+        """
+        if "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
+            state_dict = state_dict["state_dict"]
+        n = len(self.features)
+        filtered: dict[str, Tensor] = {}
+        for key, value in state_dict.items():
+            k = key[len("module.") :] if key.startswith("module.") else key
+            parts = k.split(".")
+            if len(parts) == 3 and parts[0] == "features" and parts[1].isdigit() and int(parts[1]) < n:
+                filtered[k] = value
+        self.load_state_dict(filtered, strict=True)
+
+    def forward(self, x: Tensor, indices: Sequence[int]) -> list[Tensor]:
+        """Run the trunk, returning the outputs of the layers at ``indices`` (in order given)."""
+        wanted = set(indices)
+        out: dict[int, Tensor] = {}
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in wanted:
+                out[i] = x
+        return [out[i] for i in indices]
+
+
+class PerceptualLoss(nn.Module):
+    r"""VGG16 perceptual loss on randomly sampled 2D slices of 3D volumes.
+
+    For each spatial axis ``a`` in ``axes`` (0, 1, 2 = X, Y, Z) sample
+    ``k_a = max(1, round(slice_fraction * n_a))`` distinct slice indices (``torch.randperm``,
+    so seeded runs repeat; new indices each call, the same for ``real`` and
+    ``reconstructed``). If ``max_slices`` is set and ``sum_a k_a > max_slices``, the budget
+    ``max_slices`` is spread round-robin over the axes (random axis order), so at most
+    ``max_slices`` slice positions are used per call. Every slice position is taken from
+    every volume and channel of the batch, i.e. VGG sees ``B * C * sum_a k_a`` 2D images
+    (memory bounded by the sample, not the volume size).
+
+    Each 1-channel slice ``s`` in ``[-1, 1]`` is mapped to ``(s + 1) / 2``, repeated to 3
+    channels and normalised with ImageNet mean/std. Then::
+
+        L = mean_{(axis, layer)} criterion(phi_layer(real slices), phi_layer(rec slices))
+
+    with ``criterion`` = mean L1 (default) or MSE, averaged over the axes that received
+    slices and the requested ``layers`` (names as in :data:`VGG16_LAYERS`). Features of
+    ``real`` are computed under ``torch.no_grad``.
+
+    The VGG is frozen (``requires_grad=False``) and always in eval mode, also after
+    ``.train()``. ``pretrained=True`` loads torchvision ImageNet weights from
+    ``weights_path`` (``torch.load(weights_only=True)``); ``pretrained=False`` keeps the
+    random initialisation (for tests). Each slice must be at least ``2**p`` pixels per side,
+    where ``p`` is the number of max-pools before the deepest layer (2 for ``relu3_3``).
+
+    After each call ``last_num_slices`` holds the number of slice positions used and
+    ``last_slice_indices`` maps each axis to its sampled indices.
+    """
+
+    CONFIG_KEY = "loss.perceptual.weights_path"
+
+    def __init__(
+        self,
+        weight: float = 1.0,
+        slice_fraction: float = 0.1,
+        axes: Sequence[int] = (0, 1, 2),
+        layers: Sequence[str] = ("relu1_2", "relu2_2", "relu3_3"),
+        weights_path: str | os.PathLike | None = None,
+        pretrained: bool = False,
+        max_slices: int | None = None,
+        criterion: str = "l1",
+    ) -> None:
+        super().__init__()
+        self.weight = float(weight)
+        if not 0.0 < float(slice_fraction) <= 1.0:
+            raise ValueError(f"slice_fraction must be in (0, 1], got {slice_fraction}")
+        self.slice_fraction = float(slice_fraction)
+        axes = tuple(int(a) for a in axes)
+        if not axes or any(a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
+            raise ValueError(f"axes must be distinct values from (0, 1, 2), got {axes}")
+        self.axes = axes
+        layers = tuple(layers)
+        unknown = [name for name in layers if name not in VGG16_LAYERS]
+        if not layers or unknown:
+            raise ValueError(f"unknown VGG16 layer(s) {unknown}; choose from {sorted(VGG16_LAYERS)}")
+        self.layers = layers
+        self.layer_indices = tuple(VGG16_LAYERS[name] for name in layers)
+        if max_slices is not None and int(max_slices) < 1:
+            raise ValueError(f"max_slices must be >= 1 or None, got {max_slices}")
+        self.max_slices = None if max_slices is None else int(max_slices)
+        if criterion not in ("l1", "mse"):
+            raise ValueError(f"criterion must be 'l1' or 'mse', got {criterion!r}")
+        self.criterion = criterion
+        self.weights_path = None if weights_path is None else str(weights_path)
+        self.pretrained = bool(pretrained)
+
+        self.vgg = VGG16Features(last_index=max(self.layer_indices))
+        if self.pretrained:
+            self._load_pretrained(self.weights_path)
+        for p in self.vgg.parameters():
+            p.requires_grad_(False)
+        self.vgg.eval()
+
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.last_num_slices: int = 0
+        self.last_slice_indices: dict[int, Tensor] = {}
+
+    def _load_pretrained(self, path: str | None) -> None:
+        if path is None or not os.path.isfile(path):
+            where = "is not set" if path is None else f"points to a missing file: {path!r}"
+            raise FileNotFoundError(
+                f"PerceptualLoss(pretrained=True) needs ImageNet VGG16 weights, but `{self.CONFIG_KEY}` {where}. "
+                f"Set `{self.CONFIG_KEY}=/path/to/vgg16.pth` (a torchvision-format state dict). To obtain it, on a "
+                "machine with torchvision and internet run: python -c \"import torch, torchvision; "
+                "torch.save(torchvision.models.vgg16(weights='IMAGENET1K_V1').state_dict(), 'vgg16.pth')\" "
+                "and copy vgg16.pth here. Or set loss.perceptual.pretrained=false (random features)."
+            )
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.vgg.load_torchvision_state_dict(state)
+
+    def train(self, mode: bool = True) -> PerceptualLoss:
+        super().train(mode)
+        self.vgg.eval()  # frozen feature extractor: always eval
+        return self
+
+    def _slice_counts(self, sizes: Sequence[int]) -> list[int]:
+        counts = [max(1, round(self.slice_fraction * n)) for n in sizes]
+        counts = [min(c, n) for c, n in zip(counts, sizes)]
+        if self.max_slices is None or sum(counts) <= self.max_slices:
+            return counts
+        alloc = [0] * len(counts)
+        budget = self.max_slices
+        order = torch.randperm(len(counts)).tolist()
+        while budget > 0:
+            for i in order:
+                if budget > 0 and alloc[i] < counts[i]:
+                    alloc[i] += 1
+                    budget -= 1
+        return alloc
+
+    def _to_vgg_input(self, x: Tensor) -> Tensor:
+        # x: (N, 1, H, W) in [-1, 1]
+        x = (x + 1.0) * 0.5
+        x = x.expand(-1, 3, -1, -1)
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    @staticmethod
+    def _take_slices(vol: Tensor, axis: int, idx: Tensor) -> Tensor:
+        # vol: (B, C, X, Y, Z) -> (B*C*k, 1, H, W)
+        dim = 2 + axis
+        s = vol.index_select(dim, idx)  # (B, C, ..k.., ...)
+        s = s.movedim(dim, 2)  # (B, C, k, H, W)
+        return s.reshape(-1, 1, s.shape[-2], s.shape[-1])
+
+    def forward(self, real: Tensor, reconstructed: Tensor) -> Tensor:
+        _check_same_shape(real, reconstructed, "real", "reconstructed")
+        if real.dim() != 5:
+            raise ValueError(f"expected (B, C, X, Y, Z) volumes, got shape {tuple(real.shape)}")
+        self.vgg.eval()
+        sizes = [real.shape[2 + a] for a in self.axes]
+        counts = self._slice_counts(sizes)
+        terms: list[Tensor] = []
+        self.last_slice_indices = {}
+        for axis, n, k in zip(self.axes, sizes, counts):
+            if k == 0:
+                continue
+            idx = torch.randperm(n)[:k].sort().values.to(real.device)
+            self.last_slice_indices[axis] = idx
+            with torch.no_grad():
+                f_real = self.vgg(self._to_vgg_input(self._take_slices(real, axis, idx)), self.layer_indices)
+            f_rec = self.vgg(self._to_vgg_input(self._take_slices(reconstructed, axis, idx)), self.layer_indices)
+            for fr, fx in zip(f_real, f_rec):
+                if self.criterion == "l1":
+                    terms.append(F.l1_loss(fx, fr))
+                else:
+                    terms.append(F.mse_loss(fx, fr))
+        self.last_num_slices = int(sum(counts))
+        return torch.stack(terms).mean()
+
+    def extra_repr(self) -> str:
+        return (
+            f"weight={self.weight}, slice_fraction={self.slice_fraction}, axes={self.axes}, layers={self.layers}, "
+            f"max_slices={self.max_slices}, criterion={self.criterion!r}, pretrained={self.pretrained}"
+        )

@@ -1,0 +1,240 @@
+"""The CycleGAN LightningModule: MRI (domain A) <-> CT (domain B), the whole algorithm on one screen.
+
+Notation follows Zhu et al. 2017 (and junyanz/pytorch-CycleGAN-and-pix2pix), with names that say
+the direction: ``g_ab`` translates A->B (MRI->CT), ``g_ba`` B->A; ``d_a`` judges domain-A images
+(real MRI vs fake MRI), ``d_b`` domain-B images.
+
+Per training batch (manual optimisation, two optimizers):
+
+1. forward:   fake_b = G_ab(a), rec_a = G_ba(fake_b), fake_a = G_ba(b), rec_b = G_ab(fake_a)
+2. G step:    L_G = w_adv [LS(D_b(fake_b), 1) + LS(D_a(fake_a), 1)]
+                  + l_cyc [|rec_a - a| + |rec_b - b|]
+                  + l_idt l_cyc [|G_ab(b) - b| + |G_ba(a) - a|]                 (identity, optional)
+                  + w_gc [(1 - GC(a, fake_b)) + (1 - GC(b, fake_a))]               (optional)
+                  + w_per [P(a, rec_a) + P(b, rec_b)]                              (optional)
+3. D step:    L_D = 1/2 [LS(D_a(a), 1) + LS(D_a(pool_a(fake_a)), 0)] + same for B, on the fakes of
+              step 1 (detached; never recomputed) drawn through a 50-image history pool.
+
+The learning rate is constant for ``n_epochs`` and decays linearly to zero over ``n_epochs_decay``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from monai.data import MetaTensor
+from torch import Tensor, nn
+
+from mr2ct.data.transforms import unit_to_hu
+from mr2ct.inference import translate_volume
+from mr2ct.metrics import mae_hu
+from mr2ct.model.pool import ImagePool
+from mr2ct.nets import init_weights
+
+OPTIONAL_TERMS = ("identity", "gc", "perceptual")
+
+
+def plain(x: Tensor) -> Tensor:
+    """Drop MONAI metadata: results stay plain tensors, so checkpoints hold nothing but weights and numbers."""
+    return x.as_tensor() if isinstance(x, MetaTensor) else x
+
+
+def linear_decay(n_epochs: int, n_epochs_decay: int) -> Callable[[int], float]:
+    """LR factor for epoch ``e`` (0-based): 1 for e < n_epochs, then (n + nd - e) / (nd + 1) down to 0.
+
+    The last epoch (e = n + nd - 1) runs at 1 / (nd + 1) of the base LR, as in the CycleGAN reference.
+    The factor is a pure function of the epoch and the two lengths, so a resumed run with longer
+    ``n_epochs``/``n_epochs_decay`` gets the schedule recomputed for the new totals.
+    """
+
+    def factor(epoch: int) -> float:
+        return max(0.0, min(1.0, (n_epochs + n_epochs_decay - epoch) / float(n_epochs_decay + 1)))
+
+    return factor
+
+
+class CycleGAN(pl.LightningModule):
+    """Two generators, two discriminators, the loss set given by the config.
+
+    Args:
+        generator: builds one generator (called twice: A->B and B->A), e.g. a ``functools.partial``
+            of :class:`mr2ct.nets.UNetGenerator`. Maps (B, 1, X, Y, Z) in [-1, 1] to the same shape.
+        discriminator: builds one discriminator (called twice), (B, 1, X, Y, Z) -> logits map.
+        losses: term name -> loss module; ``adversarial`` and ``cycle`` are required, ``identity``,
+            ``gc`` and ``perceptual`` are optional. Each has a ``weight``.
+        lr_g, lr_d, betas: Adam settings of the generator and discriminator optimizers.
+        n_epochs, n_epochs_decay: linear LR schedule (see :func:`linear_decay`).
+        pool_size: history pool size for the discriminator updates (0 disables).
+        ct_window: HU window of the CT normalisation (to report metrics in HU).
+        inference: sliding-window settings for whole-volume validation (roi_size, overlap, ...).
+    """
+
+    def __init__(
+        self,
+        generator: Callable[[], nn.Module],
+        discriminator: Callable[[], nn.Module],
+        losses: Mapping[str, nn.Module],
+        lr_g: float = 2e-4,
+        lr_d: float = 2e-4,
+        betas: Sequence[float] = (0.5, 0.999),
+        n_epochs: int = 100,
+        n_epochs_decay: int = 100,
+        pool_size: int = 50,
+        init_type: str = "normal",
+        init_gain: float = 0.02,
+        ct_window: Sequence[float] = (-1024.0, 3000.0),
+        inference: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["generator", "discriminator", "losses"])
+        self.automatic_optimization = False
+        self.g_ab, self.g_ba = generator(), generator()
+        self.d_a, self.d_b = discriminator(), discriminator()
+        for net in (self.g_ab, self.g_ba, self.d_a, self.d_b):
+            init_weights(net, init_type, init_gain)
+        missing = {"adversarial", "cycle"} - set(losses)
+        if missing:
+            raise ValueError(f"the loss set needs {sorted(missing)}; got {sorted(losses)}")
+        unknown = set(losses) - {"adversarial", "cycle", *OPTIONAL_TERMS}
+        if unknown:
+            raise ValueError(f"unknown loss terms {sorted(unknown)}")
+        self.losses = nn.ModuleDict(dict(losses))
+        self.pool_a, self.pool_b = ImagePool(pool_size), ImagePool(pool_size)
+        self.inference = dict(inference or {"roi_size": (96, 96, 96)})
+        # the resolved run config, stored in checkpoints so translate/evaluate can rebuild the nets
+        self.run_config: dict | None = None
+
+    # -- the algorithm ----------------------------------------------------------------------------
+    def forward(self, real_a: Tensor) -> Tensor:
+        """MRI -> synthetic CT in normalised units, (B, 1, X, Y, Z) -> same shape."""
+        return self.g_ab(real_a)
+
+    def generator_losses(self, real_a: Tensor, real_b: Tensor) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """Weighted generator loss terms, and the fakes (for the discriminator step)."""
+        L = self.losses
+        fake_b = self.g_ab(real_a)
+        rec_a = self.g_ba(fake_b)
+        fake_a = self.g_ba(real_b)
+        rec_b = self.g_ab(fake_a)
+        adv, lam_cyc = L["adversarial"], L["cycle"].weight
+        terms = {
+            "adv_ab": adv.weight * adv(self.d_b(fake_b), True),
+            "adv_ba": adv.weight * adv(self.d_a(fake_a), True),
+            "cycle_a": lam_cyc * L["cycle"](real_a, rec_a),
+            "cycle_b": lam_cyc * L["cycle"](real_b, rec_b),
+        }
+        if "identity" in L and L["identity"].weight > 0:
+            w = L["identity"].weight * lam_cyc
+            terms["idt_a"] = w * L["identity"](real_b, self.g_ab(real_b))
+            terms["idt_b"] = w * L["identity"](real_a, self.g_ba(real_a))
+        if "gc" in L:
+            terms["gc_ab"] = L["gc"].weight * L["gc"](real_a, fake_b)
+            terms["gc_ba"] = L["gc"].weight * L["gc"](real_b, fake_a)
+        if "perceptual" in L:
+            terms["perc_a"] = L["perceptual"].weight * L["perceptual"](real_a, rec_a)
+            terms["perc_b"] = L["perceptual"].weight * L["perceptual"](real_b, rec_b)
+        return terms, fake_a.detach(), fake_b.detach()
+
+    def discriminator_losses(self, real_a: Tensor, real_b: Tensor, fake_a: Tensor, fake_b: Tensor) -> dict[str, Tensor]:
+        adv = self.losses["adversarial"]
+        fake_a, fake_b = self.pool_a.query(fake_a), self.pool_b.query(fake_b)
+        return {
+            "d_a": adv.discriminator_loss(self.d_a(real_a), self.d_a(fake_a)),
+            "d_b": adv.discriminator_loss(self.d_b(real_b), self.d_b(fake_b)),
+        }
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        real_a, real_b = batch["a"], batch["b"]
+        opt_g, opt_d = self.optimizers()
+
+        self.toggle_optimizer(opt_g)  # D params frozen: the G backward computes no D gradients
+        g_terms, fake_a, fake_b = self.generator_losses(real_a, real_b)
+        loss_g = torch.stack(list(g_terms.values())).sum()
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(loss_g)
+        opt_g.step()
+        self.untoggle_optimizer(opt_g)
+
+        self.toggle_optimizer(opt_d)
+        d_terms = self.discriminator_losses(real_a, real_b, fake_a, fake_b)
+        loss_d = d_terms["d_a"] + d_terms["d_b"]
+        opt_d.zero_grad(set_to_none=True)
+        self.manual_backward(loss_d)
+        opt_d.step()
+        self.untoggle_optimizer(opt_d)
+
+        logs = {f"train/g_{k}": v.detach() for k, v in g_terms.items()}
+        logs.update({f"train/{k}": v.detach() for k, v in d_terms.items()})
+        self.log_dict(logs, batch_size=real_a.shape[0])
+        self.log("train/loss_g", loss_g.detach(), prog_bar=True, batch_size=real_a.shape[0])
+        self.log("train/loss_d", loss_d.detach(), prog_bar=True, batch_size=real_a.shape[0])
+
+    def on_train_epoch_end(self) -> None:
+        # manual optimisation: Lightning does not step the schedulers
+        for sch in self.lr_schedulers():
+            sch.step()
+
+    def on_train_epoch_start(self) -> None:
+        # Set the LR from the schedule's formula, not from the restored optimizer state: a resumed run
+        # whose n_epochs/n_epochs_decay were extended gets the new schedule from its first epoch on.
+        for sch in self.lr_schedulers():
+            for group, base_lr, fn in zip(sch.optimizer.param_groups, sch.base_lrs, sch.lr_lambdas):
+                group["lr"] = base_lr * fn(sch.last_epoch)
+        opt_g, opt_d = self.optimizers()
+        self.log("lr/g", opt_g.param_groups[0]["lr"], on_step=False, on_epoch=True)
+        self.log("lr/d", opt_d.param_groups[0]["lr"], on_step=False, on_epoch=True)
+
+    # -- validation on whole paired volumes --------------------------------------------------------
+    def translate(self, volume: Tensor, direction: str = "a2b") -> Tensor:
+        """Whole-volume sliding-window translation in normalised units."""
+        net = self.g_ab if direction == "a2b" else self.g_ba
+        cfg = self.inference
+        return translate_volume(
+            net,
+            volume,
+            roi_size=cfg["roi_size"],
+            overlap=cfg.get("overlap", 0.25),
+            sw_batch_size=cfg.get("sw_batch_size", 4),
+            mode=cfg.get("mode", "gaussian"),
+        )
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        real_a, real_b = plain(batch["a"]), plain(batch["b"])
+        fake_b = self.translate(real_a, "a2b")
+        window = self.hparams.ct_window
+        mae = mae_hu(unit_to_hu(fake_b, window), unit_to_hu(real_b, window))
+        self.log("val/mae", mae, on_epoch=True, prog_bar=True, batch_size=1, sync_dist=True)
+        return {"fake_b": fake_b}
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        real_a, real_b = plain(batch["a"]), plain(batch["b"])
+        fake_b = self.translate(real_a, "a2b")
+        window = self.hparams.ct_window
+        mae = mae_hu(unit_to_hu(fake_b, window), unit_to_hu(real_b, window))
+        self.log("test/mae", mae, on_epoch=True, batch_size=1, sync_dist=True)
+
+    # -- optimisation and checkpoint state ---------------------------------------------------------
+    def configure_optimizers(self):  # type: ignore[override]
+        hp = self.hparams
+        gen_params = [*self.g_ab.parameters(), *self.g_ba.parameters()]
+        gen_params += [p for p in self.losses.parameters() if p.requires_grad]
+        opt_g = torch.optim.Adam(gen_params, lr=hp.lr_g, betas=tuple(hp.betas))
+        opt_d = torch.optim.Adam([*self.d_a.parameters(), *self.d_b.parameters()], lr=hp.lr_d, betas=tuple(hp.betas))
+        decay = linear_decay(hp.n_epochs, hp.n_epochs_decay)
+        sch_g = torch.optim.lr_scheduler.LambdaLR(opt_g, decay)
+        sch_d = torch.optim.lr_scheduler.LambdaLR(opt_d, decay)
+        return [opt_g, opt_d], [sch_g, sch_d]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["image_pools"] = {"a": self.pool_a.state_dict(), "b": self.pool_b.state_dict()}
+        if self.run_config is not None:
+            checkpoint["mr2ct_config"] = self.run_config
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        pools = checkpoint.get("image_pools")
+        if pools:
+            self.pool_a.load_state_dict(pools["a"], self.device)
+            self.pool_b.load_state_dict(pools["b"], self.device)

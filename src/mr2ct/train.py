@@ -1,0 +1,123 @@
+"""Train a CycleGAN: ``python -m mr2ct.train [overrides]`` (see conf/train.yaml).
+
+Composes the config, builds data, model, callbacks, loggers and trainer with ``hydra.utils.instantiate``
+and fits. Examples::
+
+    python -m mr2ct.train                                   # phantom data, small UNet, CPU, minutes
+    python -m mr2ct.train generator=unet_updated loss=+spectral trainer.devices=4
+    python -m mr2ct.train experiment=mr2ct_spectral data=nifti data.train_a=... data.train_b=...
+    python -m mr2ct.train -m data.batch_size=1,2 loss.cycle.weight=3,10
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from mr2ct.config import CONFIG_DIR, ConfigError, choose_strategy, set_project_root, validate
+
+log = logging.getLogger("mr2ct.train")
+
+PACKAGES = ("torch", "pytorch-lightning", "hydra-core", "omegaconf", "monai", "nibabel", "torchmetrics", "numpy")
+
+
+def run_info() -> dict[str, Any]:
+    """Package versions, Python and the git commit of the code, for the run folder."""
+    versions = {}
+    for pkg in PACKAGES:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    try:
+        root = Path(__file__).resolve().parents[2]
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=5).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return {"python": platform.python_version(), "packages": versions, "git_commit": commit or None, "git_dirty": dirty, "argv": sys.argv}
+
+
+def resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
+    """``ckpt_path=last`` means this run folder's last.ckpt; anything else is a path (or null)."""
+    if cfg.get("ckpt_path") in (None, ""):
+        return None
+    if cfg.ckpt_path == "last":
+        path = output_dir / "checkpoints" / "last.ckpt"
+    else:
+        path = Path(cfg.ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return str(path)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit (and optionally test) the model described by ``cfg``; returns the final metrics."""
+    validate(cfg)
+    hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+    multirun = hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN
+    output_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg, output_dir)
+    if cfg.get("seed") is not None:
+        pl.seed_everything(int(cfg.seed), workers=True)
+
+    datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    model: pl.LightningModule = hydra.utils.instantiate(cfg.model, _convert_="partial")
+    model.run_config = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in cfg if k != "hydra"}
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, strategy=choose_strategy(cfg.trainer, multirun)
+    )
+
+    if trainer.is_global_zero:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "run_info.json").write_text(json.dumps(run_info(), indent=2))
+        if hydra_cfg is None:  # Hydra already saved .hydra/config.yaml otherwise
+            OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    if cfg.get("test"):
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+
+    if trainer.is_global_zero:
+        ckpt_cb = trainer.checkpoint_callback
+        lines = [f"run folder:   {output_dir}", f"tensorboard:  tensorboard --logdir {output_dir}"]
+        if ckpt_cb is not None:
+            lines.append(f"last ckpt:    {Path(ckpt_cb.dirpath or '') / 'last.ckpt'}")
+            if ckpt_cb.best_model_path:
+                lines.append(f"best ckpt:    {ckpt_cb.best_model_path} ({ckpt_cb.monitor}={float(ckpt_cb.best_model_score):.2f})")
+        print("\n".join(["", "mr2ct: training finished", *lines]), flush=True)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = train(cfg)
+    except (ConfigError, FileNotFoundError) as err:
+        log.error(str(err))
+        print(f"mr2ct: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    # returned for Hydra sweepers that optimise a value
+    return metrics.get("val/mae")
+
+
+if __name__ == "__main__":
+    set_project_root()
+    main()

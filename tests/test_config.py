@@ -1,0 +1,96 @@
+"""The real config tree composes to what the README promises."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+
+from mr2ct.config import CONFIG_DIR, ConfigError, choose_strategy, validate
+
+PRESETS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
+
+
+def test_default_config_is_the_cpu_demo(train_cfg):
+    cfg = train_cfg([])
+    assert cfg.data._target_.endswith("PhantomDataModule")
+    assert sorted(cfg.loss) == ["adversarial", "cycle", "identity"]
+    assert cfg.loss.cycle.weight == 10.0 and cfg.loss.identity.weight == 0.5
+    assert cfg.discriminator.spectral_norm is False
+    assert cfg.trainer.max_epochs == cfg.model.n_epochs + cfg.model.n_epochs_decay
+    assert choose_strategy(cfg.trainer) == "auto"
+    validate(cfg)
+
+
+def test_design_command_composes_to_intended_config(train_cfg):
+    """`python -m mr2ct.train generator=unet_updated loss=+spectral trainer.devices=4`"""
+    cfg = train_cfg(["generator=unet_updated", "loss=+spectral", "trainer.devices=4"])
+    assert cfg.generator.num_res_units == 2 and len(cfg.generator.channels) == 5
+    assert sorted(cfg.loss) == ["adversarial", "cycle", "identity"]  # the default set ...
+    assert cfg.discriminator.spectral_norm is True  # ... plus spectral normalisation
+    assert cfg.trainer.devices == 4
+    assert choose_strategy(cfg.trainer) == "ddp_find_unused_parameters_true"
+    assert choose_strategy(cfg.trainer, multirun=True) == "ddp_spawn_find_unused_parameters_true"
+    disc = instantiate(cfg.discriminator)()
+    assert all(hasattr(m, "parametrizations") for m in disc.modules() if m.__class__.__name__ == "Conv3d")
+
+
+@pytest.mark.parametrize(
+    "overrides, terms, spectral",
+    [
+        (["loss=+gc"], {"adversarial", "cycle", "identity", "gc"}, False),
+        (["loss=+perceptual"], {"adversarial", "cycle", "identity", "perceptual"}, False),
+        (["+loss=gc"], {"adversarial", "cycle", "identity", "gc"}, False),
+        (["loss=[+spectral,gc]"], {"adversarial", "cycle", "identity", "gc"}, True),
+        (["loss=[+gc,perceptual,spectral]"], {"adversarial", "cycle", "identity", "gc", "perceptual"}, True),
+        (["loss=[adversarial,cycle]"], {"adversarial", "cycle"}, False),
+    ],
+)
+def test_loss_set_overrides(train_cfg, overrides, terms, spectral):
+    cfg = train_cfg(overrides)
+    assert set(cfg.loss) == terms
+    assert cfg.discriminator.spectral_norm is spectral
+
+
+def test_lambda_cycle_key_and_strategy_choices(train_cfg):
+    cfg = train_cfg(["loss.cycle.weight=3", "trainer.devices=1"])
+    assert cfg.loss.cycle.weight == 3
+    assert choose_strategy(cfg.trainer) == "auto"
+    assert choose_strategy(train_cfg(["trainer=ddp"]).trainer) == "ddp_find_unused_parameters_true"
+    assert choose_strategy(train_cfg(["trainer.num_nodes=2"]).trainer) == "ddp_find_unused_parameters_true"
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_experiment_presets_compose(train_cfg, preset):
+    cfg = train_cfg([f"experiment={preset}"])
+    validate(cfg)
+    assert cfg.trainer.max_epochs == cfg.model.n_epochs + cfg.model.n_epochs_decay
+
+
+def test_original_presets_carry_the_notes_numbers(train_cfg):
+    c = train_cfg(["experiment=mr2ct_new_unetUpdated"])
+    assert (c.generator.num_res_units, c.data.batch_size, c.model.n_epochs, c.trainer.max_epochs) == (2, 2, 75, 100)
+    c = train_cfg(["experiment=mr2ct_unet_batchsize16"])
+    assert (c.data.batch_size, c.trainer.max_epochs) == (16, 200)
+    c = train_cfg(["experiment=mr2ct_unet_gradient_consistency_batchsize8"])
+    assert ("gc" in c.loss, c.loss.cycle.weight, c.data.batch_size, c.trainer.max_epochs) == (True, 3.0, 8, 200)
+    c = train_cfg(["experiment=mr2ct_spectral"])
+    assert (c.discriminator.spectral_norm, c.data.batch_size, c.trainer.max_epochs) == (True, 2, 200)
+    c = train_cfg(["experiment=mr2ct_perceptual"])
+    assert ("perceptual" in c.loss, c.data.batch_size) == (True, 2)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.patch_size=[30,32,32]"], "divisible by the generator's total stride 8"),
+        (["generator=resnet3d_2blk", "data.patch_size=[34,32,32]"], "divisible by the generator's total stride 4"),
+        (["data.patch_size=[32,32]"], "3 positive integers"),
+        (["loss.cycle.weight=-1"], "loss.cycle.weight must be >= 0"),
+        (["data.batch_size=0"], "batch_size must be >= 1"),
+    ],
+)
+def test_invalid_configs_are_refused_before_work(train_cfg, overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        validate(train_cfg(overrides))

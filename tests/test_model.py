@@ -1,0 +1,101 @@
+"""The CycleGAN LightningModule: schedule, pool, step structure, one-batch fits, resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import tiny
+from mr2ct.model import ImagePool, linear_decay
+from mr2ct.train import train
+
+
+def test_linear_decay_schedule_values():
+    f = linear_decay(n_epochs=3, n_epochs_decay=2)
+    assert [f(e) for e in range(6)] == pytest.approx([1, 1, 1, 2 / 3, 1 / 3, 0])
+    # the original runs: 100 epochs with decay from 75
+    g = linear_decay(75, 25)
+    assert g(74) == 1 and g(75) == pytest.approx(25 / 26) and g(99) == pytest.approx(1 / 26) and g(100) == 0
+
+
+def test_image_pool_mixes_history():
+    torch.manual_seed(0)
+    pool = ImagePool(size=3)
+    first = [pool.query(torch.full((1, 1, 2, 2, 2), float(i))) for i in range(3)]
+    assert [float(t.mean()) for t in first] == [0, 1, 2]  # filling: returned unchanged
+    outs = {float(pool.query(torch.full((1, 1, 2, 2, 2), 9.0)).mean()) for _ in range(40)}
+    assert 9.0 in outs and outs & {0.0, 1.0, 2.0}  # some new, some remembered
+    state = pool.state_dict()
+    other = ImagePool(0)
+    other.load_state_dict(state)
+    assert other.size == 3 and all(torch.equal(a, b) for a, b in zip(other.images, pool.images))
+    assert torch.equal(ImagePool(0).query(torch.ones(2, 1, 2, 2, 2)), torch.ones(2, 1, 2, 2, 2))
+
+
+def test_training_step_reuses_fakes_and_updates_all_nets(train_cfg):
+    """One step = 4 generator passes (+2 identity), no recomputation of fakes for the D update."""
+    cfg = train_cfg(tiny("unet"))
+    model = instantiate(cfg.model, _convert_="partial")
+    calls = {"g_ab": 0, "g_ba": 0}
+    for name in calls:
+        getattr(model, name).register_forward_hook(lambda *a, n=name: calls.__setitem__(n, calls[n] + 1))
+    before = {n: [p.detach().clone() for p in getattr(model, n).parameters()] for n in ("g_ab", "g_ba", "d_a", "d_b")}
+    import pytorch_lightning as pl
+
+    dm = instantiate(cfg.data)
+    trainer = pl.Trainer(max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, datamodule=dm)
+    assert calls == {"g_ab": 3, "g_ba": 3}  # fake_b, rec_b, idt ; fake_a, rec_a, idt
+    for name, params in before.items():
+        assert any(not torch.equal(p0, p1) for p0, p1 in zip(params, getattr(model, name).parameters())), name
+    assert trainer.global_step == 2  # two optimizer steps per batch
+
+
+@pytest.mark.parametrize("generator", ["unet", "unet_updated", "resnet3d_2blk", "resnet3d_9blk"])
+def test_one_batch_fit_each_generator(train_cfg, generator, tmp_path):
+    cfg = train_cfg([f"generator={generator}", *tiny(generator), "trainer.limit_train_batches=1"])
+    metrics = train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["val/mae"]))
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.parametrize("loss", ["+gc", "+perceptual", "+spectral", "[+gc,+perceptual,spectral]"])
+def test_one_batch_fit_each_loss_add_on(train_cfg, loss):
+    cfg = train_cfg([f"loss={loss}", *tiny(), "trainer.limit_train_batches=1", "loss.perceptual.slice_fraction=0.25"] if "perceptual" in loss else [f"loss={loss}", *tiny(), "trainer.limit_train_batches=1"])
+    metrics = train(cfg)
+    assert metrics["train/loss_g"] > 0
+    if "gc" in loss:
+        assert "train/g_gc_ab" in metrics
+    if "perceptual" in loss:
+        assert "train/g_perc_a" in metrics
+
+
+def test_tensorboard_holds_losses_lrs_and_images(train_cfg, tmp_path):
+    cfg = train_cfg([*tiny(), "loss=+gc"])
+    train(cfg)
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    scalars = set(acc.Tags()["scalars"])
+    for tag in ["train/g_adv_ab", "train/g_adv_ba", "train/g_cycle_a", "train/g_cycle_b", "train/g_idt_a", "train/g_gc_ab",
+                "train/d_a", "train/d_b", "lr/g", "lr/d", "val/mae", "time/epoch_s"]:
+        assert tag in scalars, (tag, scalars)
+    images = acc.Tags()["images"]
+    assert images, "no slice images logged"
+    img = acc.Images(images[0])[0]
+    assert img.height >= 6 * 16 and img.width >= 3 * 16  # 6 rows (a, fake b, rec a, b, fake a, rec b) x 3 views
+    assert (tmp_path / "run" / "timing.json").is_file() and (tmp_path / "run" / "run_info.json").is_file()
+
+
+def test_resume_continues_at_same_step_and_learning_rate(train_cfg, tmp_path):
+    base = [*tiny(), "model.n_epochs=1", "model.n_epochs_decay=2", "trainer.limit_train_batches=2"]
+    train(train_cfg([*base, "trainer.max_epochs=2"]))
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=False)
+    assert ckpt["epoch"] == 1 and ckpt["global_step"] == 2 * 2 * 2
+    assert "image_pools" in ckpt and len(ckpt["image_pools"]["a"]["images"]) > 0
+    metrics = train(train_cfg([*base, "ckpt_path=last"]))  # max_epochs = 3 from the schedule
+    ckpt = torch.load(last, weights_only=False)
+    assert ckpt["epoch"] == 2 and ckpt["global_step"] == 3 * 2 * 2
+    # the third epoch (index 2) of a 1 + 2 schedule runs at 1/3 of the base LR
+    assert metrics["lr/g"] == pytest.approx(2e-4 / 3)

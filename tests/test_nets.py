@@ -1,0 +1,238 @@
+"""Tests of mr2ct.nets: shapes, ranges, size errors, checkpointing equivalence, spectral norm, init, sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mr2ct.nets import (
+    UNET_PRESETS,
+    PatchDiscriminator3D,
+    ResnetGenerator3D,
+    UNetGenerator,
+    init_weights,
+    monai_norm,
+)
+from mr2ct.nets.unet import strip_bias_before_norm
+
+TINY_UNET = dict(channels=(4, 8, 16), strides=(2, 2))  # divisor 4
+TINY_UNET_RES = dict(channels=(4, 8, 16, 16), strides=(2, 2, 2), num_res_units=2)  # divisor 8
+
+
+def n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def tiny_generators(**kw):
+    return {
+        "unet": UNetGenerator(**TINY_UNET, **kw),
+        "unet_res": UNetGenerator(**TINY_UNET_RES, **kw),
+        "resnet": ResnetGenerator3D(ngf=4, n_blocks=2, **kw),
+    }
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("name", ["unet", "unet_res", "resnet"])
+def test_generator_shape_and_range(name):
+    g = tiny_generators()[name]
+    d = g.divisor
+    for size in [(2 * d,) * 3, (2 * d, 4 * d, 3 * d), (16, 32, 24)]:
+        x = torch.randn(2, 1, *size) * 3
+        y = g(x)
+        assert y.shape == x.shape
+        assert y.abs().max() <= 1.0
+
+
+@pytest.mark.parametrize("norm", ["instance", "batch", "none"])
+def test_norm_choices(norm):
+    for g in tiny_generators(norm=norm).values():
+        assert g(torch.randn(2, 1, 16, 16, 16)).shape == (2, 1, 16, 16, 16)
+        has_norm = any(isinstance(m, (nn.InstanceNorm3d, nn.BatchNorm3d)) for m in g.modules())
+        assert has_norm == (norm != "none")
+    d = PatchDiscriminator3D(ndf=4, norm=norm)
+    assert d(torch.randn(2, 1, 32, 32, 32)).shape == (2, 1, 2, 2, 2)
+    with pytest.raises(ValueError, match="norm"):
+        UNetGenerator(**TINY_UNET, norm="group")
+
+
+def test_instance_norm_is_affine_and_no_bias_before_norm():
+    for g in [*tiny_generators().values(), PatchDiscriminator3D(ndf=4)]:
+        mods = list(g.modules())
+        norms = [m for m in mods if isinstance(m, nn.InstanceNorm3d)]
+        assert norms and all(m.affine and not m.track_running_stats for m in norms)
+        for a, b in zip(mods, mods[1:]):  # registration order == execution order for these nets
+            if isinstance(a, nn.modules.conv._ConvNd) and isinstance(b, nn.InstanceNorm3d):
+                assert a.bias is None
+
+
+def test_unet_matches_monai_unet():
+    """Same topology and block order as monai.networks.nets.UNet (after removing the norm-cancelled biases)."""
+    from monai.networks.nets import UNet
+
+    for nru in (0, 2):
+        kw = dict(channels=(4, 8, 16, 16), strides=(2, 2, 2), num_res_units=nru)
+        g = UNetGenerator(**kw)
+        ref = strip_bias_before_norm(UNet(3, 1, 1, norm=monai_norm("instance"), **kw))
+        pg, pr = list(g.parameters()), list(ref.parameters())
+        assert [p.shape for p in pg] == [p.shape for p in pr]
+        with torch.no_grad():
+            for a, b in zip(pg, pr):
+                a.copy_(b)
+        x = torch.randn(1, 1, 16, 32, 24)
+        torch.testing.assert_close(g(x), torch.tanh(ref(x)))
+
+
+@pytest.mark.parametrize("name", ["unet", "unet_res", "resnet"])
+def test_non_divisible_size_raises(name):
+    g = tiny_generators()[name]
+    bad = (g.divisor * 4, g.divisor * 4 + 2, g.divisor * 4)
+    with pytest.raises(ValueError, match="divisible"):
+        g(torch.randn(1, 1, *bad))
+
+
+def test_resnet_padding_modes():
+    for mode in ("reflect", "replicate", "zeros"):
+        g = ResnetGenerator3D(ngf=4, n_blocks=1, padding_mode=mode)
+        assert g(torch.randn(1, 1, 8, 12, 16)).shape == (1, 1, 8, 12, 16)
+    with pytest.raises(ValueError, match="padding_mode"):
+        ResnetGenerator3D(ngf=4, padding_mode="circular")
+
+
+def _grads(net):
+    return [p.grad.clone() for p in net.parameters()]
+
+
+@pytest.mark.parametrize("name", ["unet", "unet_res", "resnet"])
+def test_checkpointing_identical(name):
+    """Activation checkpointing changes neither outputs nor gradients; all parameters get a gradient."""
+    dropout = 0.3  # also exercises RNG-state preservation of the recomputation
+    g = tiny_generators(dropout=dropout)[name]
+    g.train()
+    x = torch.randn(1, 1, 16, 24, 16, requires_grad=True)
+    target = torch.rand(1, 1, 16, 24, 16) * 2 - 1
+    results = []
+    for ckpt in (False, True):
+        g.checkpointing = ckpt
+        g.zero_grad(set_to_none=True)
+        x.grad = None
+        torch.manual_seed(123)
+        y = g(x)
+        ((y - target) ** 2).mean().backward()
+        results.append((y.detach(), _grads(g), x.grad.clone()))
+    (y0, g0, x0), (y1, g1, x1) = results
+    torch.testing.assert_close(y1, y0, rtol=0, atol=0)
+    torch.testing.assert_close(x1, x0, rtol=1e-6, atol=1e-9)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    # every parameter receives a (non-zero) gradient
+    for (pname, _), gr in zip(g.named_parameters(), g0):
+        assert gr.abs().sum() > 0, pname
+
+
+def test_discriminator_shapes_and_size_error():
+    d = PatchDiscriminator3D(ndf=4, n_layers=3)
+    assert d.min_input_size == 24
+    assert d(torch.randn(2, 1, 32, 32, 32)).shape == (2, 1, 2, 2, 2)
+    assert d(torch.randn(1, 1, 24, 40, 64)).shape == (1, 1, 1, 3, 6)
+    assert d.output_size((32, 48, 33)) == (2, 4, 2)
+    with pytest.raises(ValueError, match="too small"):
+        d(torch.randn(1, 1, 16, 32, 32))
+    d2 = PatchDiscriminator3D(in_channels=2, ndf=4, n_layers=2)
+    assert d2(torch.randn(1, 2, 16, 16, 20)).shape == (1, 1, 2, 2, 3)
+    # gradients reach every parameter
+    d.zero_grad()
+    d(torch.randn(1, 1, 32, 32, 32)).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in d.parameters())
+
+
+def test_spectral_norm():
+    d = PatchDiscriminator3D(ndf=4, n_layers=3, spectral_norm=True)
+    convs = [m for m in d.modules() if isinstance(m, nn.Conv3d)]
+    assert len(convs) == 5
+    assert all(hasattr(c, "parametrizations") and "weight" in c.parametrizations for c in convs)
+    # norm layers are kept
+    assert sum(isinstance(m, nn.InstanceNorm3d) for m in d.modules()) == 3
+    init_weights(d, "normal", 0.02)
+    torch.testing.assert_close(
+        convs[1].parametrizations.weight.original.std(), torch.tensor(0.02), rtol=0.1, atol=0
+    )
+    d.train()
+    for _ in range(3):
+        d(torch.randn(1, 1, 32, 32, 32))
+    for c in convs:
+        sigma = torch.linalg.matrix_norm(c.weight.detach().reshape(c.weight.shape[0], -1), ord=2)
+        assert abs(sigma.item() - 1) < 0.05, sigma
+    # without spectral norm the weights are far from unit spectral norm after the CycleGAN init
+    plain = init_weights(PatchDiscriminator3D(ndf=4, n_layers=3))
+    assert not any(hasattr(m, "parametrizations") for m in plain.modules())
+
+
+@pytest.mark.parametrize("init_type", ["normal", "xavier", "kaiming", "orthogonal"])
+def test_init_weights(init_type):
+    g = ResnetGenerator3D(ngf=8, n_blocks=2)
+    for p in g.parameters():
+        nn.init.constant_(p, 0.5)
+    assert init_weights(g, init_type, gain=0.02) is g
+    convs = [m for m in g.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    norms = [m for m in g.modules() if isinstance(m, nn.InstanceNorm3d)]
+    for c in convs:
+        assert c.bias is None or (c.bias == 0).all()
+    big = max(convs, key=lambda c: c.weight.numel()).weight
+    if init_type == "normal":
+        assert abs(big.mean().item()) < 0.002
+        assert abs(big.std().item() - 0.02) < 0.002
+    elif init_type == "kaiming":
+        fan_in = big[0].numel()
+        assert abs(big.std().item() - (2 / fan_in) ** 0.5) < 0.1 * (2 / fan_in) ** 0.5
+    weights = torch.cat([n.weight for n in norms])
+    assert abs(weights.mean().item() - 1) < 0.01 and abs(weights.std().item() - 0.02) < 0.01
+    assert all((n.bias == 0).all() for n in norms)
+    with pytest.raises(ValueError):
+        init_weights(g, "uniform")
+
+
+def test_full_size_param_counts():
+    """Parameter counts of the configured networks (built, never run at full size)."""
+    unet = n_params(UNetGenerator(**UNET_PRESETS["unet"]))
+    unet_updated = n_params(UNetGenerator(**UNET_PRESETS["unet_updated"]))
+    assert UNetGenerator(**UNET_PRESETS["unet"]).divisor == 8
+    assert UNetGenerator(**UNET_PRESETS["unet_updated"]).divisor == 16
+    assert 0.4e6 < unet < 0.6e6, unet
+    assert 12e6 < unet_updated < 14e6, unet_updated
+    resnet9 = n_params(ResnetGenerator3D(ngf=64, n_blocks=9))
+    resnet2 = n_params(ResnetGenerator3D(ngf=64, n_blocks=2))
+    # 3D CycleGAN generator: 27/9 x the 2D convs (11.4 M in 2D, of which the 7x7 stem/head are 7/3 x)
+    assert 33.5e6 < resnet9 < 34.5e6, resnet9
+    assert resnet9 - resnet2 == 7 * (2 * 256 * 256 * 27 + 4 * 256)  # 7 blocks: 2 convs + 2 affine norms each
+    patch = n_params(PatchDiscriminator3D(ndf=64))
+    assert 10.5e6 < patch < 11.5e6, patch
+    assert n_params(PatchDiscriminator3D(ndf=64, spectral_norm=True)) == patch
+
+
+def _saved_activation_bytes(net: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd keeps for backward (checkpointed regions keep only inputs)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = net(x)
+    y.mean().backward()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("name", ["unet", "unet_res", "resnet"])
+def test_checkpointing_saves_memory(name):
+    g = tiny_generators()[name]
+    x = torch.randn(1, 1, 16, 24, 16)
+    plain = _saved_activation_bytes(g, x)
+    g.checkpointing = True
+    ckpt = _saved_activation_bytes(g, x)
+    assert ckpt < 0.6 * plain, (ckpt, plain)
