@@ -83,7 +83,7 @@ class EpochTimer(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         seconds = time.perf_counter() - self._epoch_start
         self.epochs.append(seconds)
-        pl_module.log("time/epoch_s", seconds, on_step=False, on_epoch=True, rank_zero_only=True)
+        pl_module.log("time/epoch_s", seconds, on_step=False, on_epoch=True, sync_dist=True)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:

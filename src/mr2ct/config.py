@@ -25,6 +25,10 @@ class ConfigError(ValueError):
     """A config that cannot work, found before any data is loaded or network built."""
 
 
+class InputError(ValueError):
+    """Unusable input: a data file, a checkpoint or an output path. The message names the file."""
+
+
 def _num_devices(devices: Any) -> int:
     if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
         return len(devices)

@@ -26,7 +26,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from mr2ct.config import CONFIG_DIR, ConfigError, choose_strategy, set_project_root, validate
+from mr2ct.config import CONFIG_DIR, ConfigError, InputError, choose_strategy, set_project_root, validate
+from mr2ct.guards import NonFiniteError, SafeCheckpointIO, check_state_dict_compatible, resume_argv, safe_torch_load
 
 log = logging.getLogger("mr2ct.train")
 
@@ -59,8 +60,30 @@ def resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
     else:
         path = Path(cfg.ckpt_path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        hint = " (ckpt_path=last means this launch's run folder; resume an earlier run with ckpt_path=<its run folder>)" if cfg.ckpt_path == "last" else ""
+        raise FileNotFoundError(f"checkpoint not found: {path}{hint}")
     return str(path)
+
+
+def _remove_fresh_run_dir(output_dir: Path) -> None:
+    """After a user error at start-up, remove what this launch wrote, so a failed start leaves nothing behind.
+
+    Only the files a start-up writes are removed, and the folder only when it is then empty.
+    """
+    import shutil
+
+    if not output_dir.is_dir() or (output_dir / "checkpoints").exists():
+        return
+    for name in (".hydra", "tensorboard", "run_info.json", "config.yaml", "train.log"):
+        path = output_dir / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.is_file():
+            path.unlink()
+    try:
+        output_dir.rmdir()
+    except OSError:
+        pass
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -76,15 +99,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
     model: pl.LightningModule = hydra.utils.instantiate(cfg.model, _convert_="partial")
     model.run_config = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in cfg if k != "hydra"}
+    for split in ("train_a", "train_b", "val", "test"):  # missing/empty folders fail now, not after start-up
+        datamodule.records(split)
+    if ckpt_path is not None:  # refuse unsafe, corrupt or foreign checkpoints before any training state exists
+        check_state_dict_compatible(model.state_dict(), safe_torch_load(ckpt_path).get("state_dict", {}), ckpt_path)
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, strategy=choose_strategy(cfg.trainer, multirun)
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        strategy=choose_strategy(cfg.trainer, multirun),
+        plugins=[SafeCheckpointIO()],  # atomic checkpoint writes, weights_only loads
     )
 
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "run_info.json").write_text(json.dumps(run_info(), indent=2))
+        info_path = output_dir / "run_info.json"
+        if ckpt_path is not None and info_path.exists():  # a resume keeps the original record
+            info_path = output_dir / f"run_info.resume{len(list(output_dir.glob('run_info.resume*.json'))) + 1}.json"
+        info_path.write_text(json.dumps(run_info(), indent=2))
         if hydra_cfg is None:  # Hydra already saved .hydra/config.yaml otherwise
             OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
 
@@ -108,16 +142,29 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    output_dir = Path(cfg.paths.output_dir)
     try:
         metrics = train(cfg)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, InputError, FileNotFoundError) as err:
         log.error(str(err))
         print(f"mr2ct: error: {err}", file=sys.stderr)
+        if cfg.get("ckpt_path") in (None, ""):
+            _remove_fresh_run_dir(output_dir)
         sys.exit(2)
+    except NonFiniteError as err:
+        log.error(str(err))
+        print(f"mr2ct: error: {err}", file=sys.stderr)
+        sys.exit(3)
+    except SIGTERMException:
+        print(f"mr2ct: stopped; resume with: python -m mr2ct.train <same overrides> ckpt_path={output_dir}", file=sys.stderr)
+        sys.exit(143)
     # returned for Hydra sweepers that optimise a value
     return metrics.get("val/mae")
 
 
 if __name__ == "__main__":
     set_project_root()
+    sys.argv = resume_argv(sys.argv)  # ckpt_path=<run dir>: continue in that folder
     main()

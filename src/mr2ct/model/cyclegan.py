@@ -70,6 +70,11 @@ class CycleGAN(pl.LightningModule):
         pool_size: history pool size for the discriminator updates (0 disables).
         ct_window: HU window of the CT normalisation (to report metrics in HU).
         inference: sliding-window settings for whole-volume validation (roi_size, overlap, ...).
+        split_backward: memory saver: back-propagate the A->B->A and B->A->B halves of the generator
+            loss one after the other (same gradients, about half the live activations). Single device
+            only: DDP allows one backward per forward.
+        channels_last: keep weights and input patches in ``torch.channels_last_3d`` (NDHWC).
+        compile: ``torch.compile`` the generators (first step pays the compilation).
     """
 
     def __init__(
@@ -87,6 +92,9 @@ class CycleGAN(pl.LightningModule):
         init_gain: float = 0.02,
         ct_window: Sequence[float] = (-1024.0, 3000.0),
         inference: Mapping[str, Any] | None = None,
+        split_backward: bool = False,
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["generator", "discriminator", "losses"])
@@ -102,6 +110,14 @@ class CycleGAN(pl.LightningModule):
         if unknown:
             raise ValueError(f"unknown loss terms {sorted(unknown)}")
         self.losses = nn.ModuleDict(dict(losses))
+        self.split_backward, self.channels_last = bool(split_backward), bool(channels_last)
+        if self.channels_last:
+            # NDHWC lets oneDNN skip the layout reorders around every 3D conv (faster on CPU, see README)
+            self.to(memory_format=torch.channels_last_3d)
+        if compile:
+            # in place (nn.Module.compile): parameter names, hence checkpoints, stay unchanged
+            self.g_ab.compile()
+            self.g_ba.compile()
         self.pool_a, self.pool_b = ImagePool(pool_size), ImagePool(pool_size)
         self.inference = dict(inference or {"roi_size": (96, 96, 96)})
         # the resolved run config, stored in checkpoints so translate/evaluate can rebuild the nets
@@ -112,31 +128,67 @@ class CycleGAN(pl.LightningModule):
         """MRI -> synthetic CT in normalised units, (B, 1, X, Y, Z) -> same shape."""
         return self.g_ab(real_a)
 
-    def generator_losses(self, real_a: Tensor, real_b: Tensor) -> tuple[dict[str, Tensor], Tensor, Tensor]:
-        """Weighted generator loss terms, and the fakes (for the discriminator step)."""
+    def generator_losses(
+        self, real_a: Tensor, real_b: Tensor, halves: str = "ab"
+    ) -> tuple[dict[str, Tensor], Tensor | None, Tensor | None]:
+        """Weighted generator loss terms, and the fakes (for the discriminator step).
+
+        ``halves`` selects the terms: ``"a"`` = everything computed from ``real_a`` (the A->B->A cycle,
+        adv_ab, idt_b, gc_ab, perc_a), ``"b"`` = everything from ``real_b``, ``"ab"`` = both. The two
+        halves share no activations, so they can be back-propagated one after the other
+        (``split_backward``). A fake of a half not computed is returned as ``None``.
+        """
         L = self.losses
-        fake_b = self.g_ab(real_a)
-        rec_a = self.g_ba(fake_b)
-        fake_a = self.g_ba(real_b)
-        rec_b = self.g_ab(fake_a)
         adv, lam_cyc = L["adversarial"], L["cycle"].weight
-        terms = {
-            "adv_ab": adv.weight * adv(self.d_b(fake_b), True),
-            "adv_ba": adv.weight * adv(self.d_a(fake_a), True),
-            "cycle_a": lam_cyc * L["cycle"](real_a, rec_a),
-            "cycle_b": lam_cyc * L["cycle"](real_b, rec_b),
-        }
-        if "identity" in L and L["identity"].weight > 0:
-            w = L["identity"].weight * lam_cyc
-            terms["idt_a"] = w * L["identity"](real_b, self.g_ab(real_b))
-            terms["idt_b"] = w * L["identity"](real_a, self.g_ba(real_a))
+        idt_w = L["identity"].weight * lam_cyc if "identity" in L and L["identity"].weight > 0 else 0.0
+        terms: dict[str, Tensor] = {}
+        fake_a = fake_b = None
+        if "a" in halves:
+            fake_b = self.g_ab(real_a)
+            rec_a = self.g_ba(fake_b)
+            terms["adv_ab"] = adv.weight * adv(self.d_b(fake_b), True)
+            terms["cycle_a"] = lam_cyc * L["cycle"](real_a, rec_a)
+        if "b" in halves:
+            fake_a = self.g_ba(real_b)
+            rec_b = self.g_ab(fake_a)
+            terms["adv_ba"] = adv.weight * adv(self.d_a(fake_a), True)
+            terms["cycle_b"] = lam_cyc * L["cycle"](real_b, rec_b)
+        if idt_w:
+            if "b" in halves:
+                terms["idt_a"] = idt_w * L["identity"](real_b, self.g_ab(real_b))
+            if "a" in halves:
+                terms["idt_b"] = idt_w * L["identity"](real_a, self.g_ba(real_a))
         if "gc" in L:
-            terms["gc_ab"] = L["gc"].weight * L["gc"](real_a, fake_b)
-            terms["gc_ba"] = L["gc"].weight * L["gc"](real_b, fake_a)
+            if "a" in halves:
+                terms["gc_ab"] = L["gc"].weight * L["gc"](real_a, fake_b)
+            if "b" in halves:
+                terms["gc_ba"] = L["gc"].weight * L["gc"](real_b, fake_a)
         if "perceptual" in L:
-            terms["perc_a"] = L["perceptual"].weight * L["perceptual"](real_a, rec_a)
-            terms["perc_b"] = L["perceptual"].weight * L["perceptual"](real_b, rec_b)
-        return terms, fake_a.detach(), fake_b.detach()
+            if "a" in halves:
+                terms["perc_a"] = L["perceptual"].weight * L["perceptual"](real_a, rec_a)
+            if "b" in halves:
+                terms["perc_b"] = L["perceptual"].weight * L["perceptual"](real_b, rec_b)
+        detach = lambda t: None if t is None else t.detach()  # noqa: E731
+        return terms, detach(fake_a), detach(fake_b)
+
+    def generator_backward(
+        self, real_a: Tensor, real_b: Tensor, backward: Callable[[Tensor], None]
+    ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """Generator losses and their backward (``backward(loss)``); gradients accumulate in ``.grad``.
+
+        With ``split_backward`` the A->B->A half is back-propagated before the B->A->B half is even
+        computed, so only one half's activations are alive at a time (about half the peak); the
+        summed gradients are those of the joint loss.
+        """
+        if not self.split_backward:
+            terms, fake_a, fake_b = self.generator_losses(real_a, real_b)
+            backward(torch.stack(list(terms.values())).sum())
+            return terms, fake_a, fake_b
+        terms_a, _, fake_b = self.generator_losses(real_a, real_b, "a")
+        backward(torch.stack(list(terms_a.values())).sum())
+        terms_b, fake_a, _ = self.generator_losses(real_a, real_b, "b")
+        backward(torch.stack(list(terms_b.values())).sum())
+        return {**terms_a, **terms_b}, fake_a, fake_b
 
     def discriminator_losses(self, real_a: Tensor, real_b: Tensor, fake_a: Tensor, fake_b: Tensor) -> dict[str, Tensor]:
         adv = self.losses["adversarial"]
@@ -146,15 +198,25 @@ class CycleGAN(pl.LightningModule):
             "d_b": adv.discriminator_loss(self.d_b(real_b), self.d_b(fake_b)),
         }
 
+    def _step_ok(self, terms: Mapping[str, Tensor], optimizer: Any, prefix: str = "") -> bool:
+        """Ask the non-finite guard (:class:`mr2ct.guards.NonFiniteGuard`, attached at fit start) before a step."""
+        guard = getattr(self, "nonfinite_guard", None)
+        return True if guard is None else guard.ok(self.trainer, terms, optimizer, prefix)
+
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
         real_a, real_b = batch["a"], batch["b"]
+        if self.channels_last:
+            real_a = real_a.contiguous(memory_format=torch.channels_last_3d)
+            real_b = real_b.contiguous(memory_format=torch.channels_last_3d)
         opt_g, opt_d = self.optimizers()
 
         self.toggle_optimizer(opt_g)  # D params frozen: the G backward computes no D gradients
-        g_terms, fake_a, fake_b = self.generator_losses(real_a, real_b)
-        loss_g = torch.stack(list(g_terms.values())).sum()
         opt_g.zero_grad(set_to_none=True)
-        self.manual_backward(loss_g)
+        g_terms, fake_a, fake_b = self.generator_backward(real_a, real_b, self.manual_backward)
+        loss_g = torch.stack([v.detach() for v in g_terms.values()]).sum()
+        if not self._step_ok(g_terms, opt_g, "g_"):  # NaN/Inf: skip the batch, pools and weights untouched
+            self.untoggle_optimizer(opt_g)
+            return
         opt_g.step()
         self.untoggle_optimizer(opt_g)
 
@@ -163,7 +225,8 @@ class CycleGAN(pl.LightningModule):
         loss_d = d_terms["d_a"] + d_terms["d_b"]
         opt_d.zero_grad(set_to_none=True)
         self.manual_backward(loss_d)
-        opt_d.step()
+        if self._step_ok(d_terms, opt_d):
+            opt_d.step()
         self.untoggle_optimizer(opt_d)
 
         logs = {f"train/g_{k}": v.detach() for k, v in g_terms.items()}
@@ -184,8 +247,8 @@ class CycleGAN(pl.LightningModule):
             for group, base_lr, fn in zip(sch.optimizer.param_groups, sch.base_lrs, sch.lr_lambdas):
                 group["lr"] = base_lr * fn(sch.last_epoch)
         opt_g, opt_d = self.optimizers()
-        self.log("lr/g", opt_g.param_groups[0]["lr"], on_step=False, on_epoch=True)
-        self.log("lr/d", opt_d.param_groups[0]["lr"], on_step=False, on_epoch=True)
+        self.log("lr/g", opt_g.param_groups[0]["lr"], on_step=False, on_epoch=True, sync_dist=True)
+        self.log("lr/d", opt_d.param_groups[0]["lr"], on_step=False, on_epoch=True, sync_dist=True)
 
     # -- validation on whole paired volumes --------------------------------------------------------
     def translate(self, volume: Tensor, direction: str = "a2b") -> Tensor:

@@ -1,0 +1,193 @@
+"""Translate whole NIfTI volumes with a trained generator: ``python -m mr2ct.translate ckpt=... input=... output=...``.
+
+Examples::
+
+    python -m mr2ct.translate ckpt=outputs/train/runs/X/checkpoints/last.ckpt input=mri.nii.gz output=sct.nii.gz
+    python -m mr2ct.translate ckpt=... input=mri_folder/ output=sct_folder/ segment=true device=cuda
+    python -m mr2ct.translate ckpt=... input=ct.nii.gz output=smri.nii.gz direction=b2a
+
+The training preprocessing is applied and inverted on the way out (MONAI invertible transforms):
+reorientation to the training orientation, resampling to the training spacing when the run resampled
+(NIfTI data with ``data.spacing``), intensity normalisation (MRI percentiles / CT window). The output
+has the input's shape, affine and voxel order; a synthetic CT is in HU. Memory is bounded by the
+sliding window (``roi_size``, ``sw_batch_size``), not by the volume: windows run on ``device`` and are
+stitched on the CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose, Orientation, ScaleIntensityRangePercentiles, Spacing
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from mr2ct.config import CONFIG_DIR, set_project_root
+from mr2ct.data.transforms import hu_to_unit, unit_to_hu
+from mr2ct.inference import translate_volume
+from mr2ct.io import is_nifti, load_generator, nifti_stem, read_nifti, write_nifti
+from mr2ct.segment import segment_bone, segment_params
+
+log = logging.getLogger("mr2ct.translate")
+
+
+@dataclass
+class Preprocessing:
+    """What training did to a volume before the network saw it (read from the run's config)."""
+
+    orientation: str = "RAS"
+    spacing: Sequence[float] | None = None
+    ct_window: Sequence[float] = (-1024.0, 3000.0)
+    mri_percentiles: Sequence[float] = (0.5, 99.5)
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any], spacing: Any = "auto") -> Preprocessing:
+        """``spacing="auto"``: resample as the training data module did (only NIfTI data resamples)."""
+        data = run_config.get("data", {})
+        if spacing == "auto":
+            nifti = "Nifti" in str(data.get("_target_", ""))
+            spacing = data.get("spacing") if nifti else None
+        return cls(
+            orientation=str(data.get("orientation", "RAS")),
+            spacing=[float(s) for s in spacing] if spacing else None,
+            ct_window=[float(w) for w in data.get("ct_window", (-1024.0, 3000.0))],
+            mri_percentiles=[float(p) for p in data.get("mri_percentiles", (0.5, 99.5))],
+        )
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device} but no CUDA device is available (use device=cpu)")
+    return dev
+
+
+@torch.no_grad()
+def translate_array(
+    generator: nn.Module,
+    volume: np.ndarray,
+    affine: np.ndarray,
+    prep: Preprocessing,
+    roi_size: Sequence[int],
+    direction: str = "a2b",
+    overlap: float = 0.25,
+    sw_batch_size: int = 4,
+    mode: str = "gaussian",
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> np.ndarray:
+    """Translate ``volume`` (X, Y, Z) in raw units (MRI, or CT in HU for ``b2a``) with its ``affine``.
+
+    Returns float32 (X, Y, Z) in the input's voxel grid: HU for ``a2b``, normalised [-1, 1] for ``b2a``.
+    """
+    spatial = [Orientation(axcodes=prep.orientation)]
+    if prep.spacing:
+        spatial.append(Spacing(pixdim=prep.spacing, mode="bilinear"))
+    spatial_xf = Compose(spatial)
+    x = spatial_xf(MetaTensor(torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None], affine=torch.as_tensor(affine, dtype=torch.float64)))
+    raw = x.as_tensor()
+    if direction == "a2b":
+        lo, hi = prep.mri_percentiles
+        net_in = ScaleIntensityRangePercentiles(lower=lo, upper=hi, b_min=-1.0, b_max=1.0, clip=True)(raw)
+    else:
+        net_in = hu_to_unit(raw, prep.ct_window)
+    net_in = torch.as_tensor(net_in, dtype=torch.float32)[None]  # (1, 1, X, Y, Z)
+    device = torch.device(device)
+    generator = generator.to(device)
+    out = translate_volume(
+        generator, net_in, roi_size, overlap=overlap, sw_batch_size=sw_batch_size, mode=mode, sw_device=device, device="cpu", progress=progress
+    )[0]
+    del net_in
+    if direction == "a2b":
+        out = unit_to_hu(out, prep.ct_window)
+    restored = MetaTensor(out, meta=x.meta, applied_operations=x.applied_operations)
+    back = spatial_xf.inverse(restored)
+    return back.as_tensor()[0].numpy().astype(np.float32, copy=False)
+
+
+def bone_path(output: Path) -> Path:
+    """``sct.nii.gz`` -> ``sct_bone.nii.gz`` (beside the synthetic CT)."""
+    suffix = ".nii.gz" if output.name.endswith(".nii.gz") else ".nii"
+    return output.with_name(nifti_stem(output) + "_bone" + suffix)
+
+
+def plan_outputs(input_path: Path, output_path: Path) -> list[tuple[Path, Path]]:
+    """(input file, output file) pairs: a file to a file (or into a folder), a folder to a folder."""
+    if input_path.is_dir():
+        inputs = sorted(p for p in input_path.iterdir() if is_nifti(p) and not p.name.startswith("."))
+        if not inputs:
+            raise FileNotFoundError(f"no .nii/.nii.gz files in input folder: {input_path}")
+        if output_path.exists() and not output_path.is_dir():
+            raise ValueError(f"input is a folder, so output must be a folder: {output_path}")
+        return [(p, output_path / p.name) for p in inputs]
+    if not input_path.is_file():
+        raise FileNotFoundError(f"input not found: {input_path}")
+    if not is_nifti(input_path):
+        raise ValueError(f"input must be a .nii/.nii.gz file or a folder of them: {input_path}")
+    if output_path.is_dir() or not is_nifti(output_path):
+        return [(input_path, output_path / input_path.name)]
+    return [(input_path, output_path)]
+
+
+def run(cfg: DictConfig) -> list[Path]:
+    """Translate every input of ``cfg``; returns the written files."""
+    if cfg.direction not in ("a2b", "b2a"):
+        raise ValueError(f"direction must be a2b or b2a, got {cfg.direction!r}")
+    if cfg.dtype not in ("float32", "int16"):
+        raise ValueError(f"dtype must be float32 or int16, got {cfg.dtype!r}")
+    pairs = plan_outputs(Path(cfg.input), Path(cfg.output))
+    targets = [out for _, out in pairs] + ([bone_path(out) for _, out in pairs] if cfg.segment else [])
+    existing = [str(t) for t in targets if t.exists()]
+    if existing and not cfg.overwrite:
+        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+        raise FileExistsError(f"output exists: {existing[0]}{more} (pass overwrite=true to replace)")
+    device = resolve_device(str(cfg.device))
+    generator, run_config = load_generator(cfg.ckpt, cfg.direction)
+    prep = Preprocessing.from_run_config(run_config, OmegaConf.to_container(cfg.spacing) if OmegaConf.is_config(cfg.spacing) else cfg.spacing)
+    roi = list(cfg.roi_size) if cfg.roi_size else list(run_config["data"]["patch_size"])
+    # a CT written as int16 HU is exact to 1 HU; a synthetic MRI stays in normalised float units
+    dtype = cfg.dtype if cfg.direction == "a2b" else "float32"
+    params = segment_params(cfg.bone)
+    written = []
+    for i, (src, dst) in enumerate(pairs, 1):
+        t0 = time.perf_counter()
+        volume, image = read_nifti(src)
+        out = translate_array(
+            generator, volume, image.affine, prep, roi, cfg.direction, float(cfg.overlap), int(cfg.sw_batch_size), str(cfg.mode), device,
+            progress=bool(cfg.progress),
+        )
+        written.append(write_nifti(out, image.affine, dst, dtype=dtype, overwrite=bool(cfg.overwrite), header=image.header))
+        msg = f"[{i}/{len(pairs)}] {src} -> {dst}"
+        if cfg.segment:
+            bone = segment_bone(out, **params)
+            written.append(write_nifti(bone.astype(np.uint8), image.affine, bone_path(dst), dtype="uint8", overwrite=bool(cfg.overwrite), header=image.header))
+            msg += f" (+ {bone_path(dst).name}, {int(bone.sum())} bone voxels)"
+        print(f"{msg} {volume.shape} in {time.perf_counter() - t0:.1f} s", flush=True)
+    return written
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="translate")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        log.error(str(err))
+        print(f"mr2ct: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    set_project_root()
+    main()
