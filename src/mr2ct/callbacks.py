@@ -99,3 +99,92 @@ class EpochTimer(pl.Callback):
         out = Path(trainer.default_root_dir) / self.filename
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(record, indent=2))
+
+
+class CollapseMonitor(pl.Callback):
+    """Mode-collapse diagnostics over the validation translations: ``val/diversity``, ``val/identifiability``.
+
+    Collects (input MRI, synthetic CT) of up to ``max_volumes`` validation volumes, shrunk to at most
+    ``max_side`` voxels per side, and computes :func:`mr2ct.metrics.collapse_diagnostics` at the end of
+    each validation epoch (validation sets of fewer than 4 volumes are cut into Z-blocks). Warns in the
+    console when a number falls below its threshold. Reads the ``fake_b`` returned by
+    ``validation_step``; under DDP each process judges its own share of the volumes.
+    """
+
+    def __init__(self, min_diversity: float = 0.1, min_identifiability: float = 0.75, max_volumes: int = 16, max_side: int = 64) -> None:
+        self.min_diversity, self.min_identifiability = float(min_diversity), float(min_identifiability)
+        self.max_volumes, self.max_side = int(max_volumes), int(max_side)
+        self._inputs: list[Tensor] = []
+        self._outputs: list[Tensor] = []
+        self.last: dict[str, float] | None = None
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._inputs, self._outputs = [], []
+
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        from mr2ct.metrics import thumbnail
+
+        if trainer.sanity_checking or not isinstance(outputs, dict) or "fake_b" not in outputs:
+            return
+        for a, fake in zip(batch["a"], outputs["fake_b"]):
+            if len(self._inputs) < self.max_volumes:
+                self._inputs.append(thumbnail(torch.as_tensor(a[0]), self.max_side))
+                self._outputs.append(thumbnail(torch.as_tensor(fake[0]), self.max_side))
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from pytorch_lightning.utilities import rank_zero_warn
+
+        from mr2ct.metrics import collapse_diagnostics, collapse_warnings, split_for_collapse
+
+        if trainer.sanity_checking or not self._inputs:
+            return
+        xs, ys = split_for_collapse(self._inputs, self._outputs, min_n=4)
+        diag = collapse_diagnostics(xs, ys)
+        self.last = diag
+        pl_module.log("val/diversity", diag["diversity"], on_epoch=True, batch_size=1)
+        pl_module.log("val/identifiability", diag["identifiability"], on_epoch=True, batch_size=1)
+        for msg in collapse_warnings(diag, self.min_diversity, self.min_identifiability):
+            rank_zero_warn(f"epoch {trainer.current_epoch}: {msg}")
+        self._inputs, self._outputs = [], []
+
+
+class ValidationNiftiWriter(pl.Callback):
+    """Every ``every_n_epochs`` epochs, write the synthetic CTs of the first ``n_volumes`` validation volumes.
+
+    Files: ``<run dir>/<dirname>/epoch<E>/<name>_sct.nii.gz`` (int16 HU, the volume's affine), plus the
+    input MRI and real CT once under ``<dirname>/reference/``, to open side by side in 3D Slicer or
+    ITK-SNAP and watch the translations evolve. Also writes after the last epoch.
+    """
+
+    def __init__(self, every_n_epochs: int = 5, n_volumes: int = 2, dirname: str = "val_translations") -> None:
+        self.every_n_epochs, self.n_volumes, self.dirname = int(every_n_epochs), int(n_volumes), dirname
+
+    def _due(self, trainer: pl.Trainer) -> bool:
+        epoch = trainer.current_epoch + 1
+        last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
+        return self.every_n_epochs > 0 and (epoch % self.every_n_epochs == 0 or last)
+
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        from mr2ct.data.transforms import unit_to_hu
+        from mr2ct.io import write_nifti
+
+        if trainer.sanity_checking or not trainer.is_global_zero or batch_idx >= self.n_volumes or not self._due(trainer):
+            return
+        if not isinstance(outputs, dict) or "fake_b" not in outputs:
+            return
+        window = pl_module.hparams.get("ct_window", (-1024.0, 3000.0))
+        root = Path(trainer.default_root_dir) / self.dirname
+        names = batch.get("name") or [f"val_{batch_idx:03d}"]
+        affine = batch["a"].affine[0].cpu().numpy() if hasattr(batch["a"], "affine") else torch.eye(4).numpy()
+        name = str(names[0])
+        sct = unit_to_hu(outputs["fake_b"][0, 0].detach().float().cpu(), window).numpy()
+        write_nifti(sct, affine, root / f"epoch{trainer.current_epoch:03d}" / f"{name}_sct.nii.gz", dtype="int16", overwrite=True)
+        ref = root / "reference"
+        if not (ref / f"{name}_ct.nii.gz").exists():
+            write_nifti(torch.as_tensor(batch["a"])[0, 0].float().cpu().numpy(), affine, ref / f"{name}_mri_normalised.nii.gz", overwrite=True)
+            ct = unit_to_hu(torch.as_tensor(batch["b"])[0, 0].float().cpu(), window).numpy()
+            write_nifti(ct, affine, ref / f"{name}_ct.nii.gz", dtype="int16", overwrite=True)

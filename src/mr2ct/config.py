@@ -84,3 +84,17 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"model.{key} must be >= 0, got {cfg.model[key]}")
     if int(cfg.model.n_epochs) + int(cfg.model.n_epochs_decay) < 1:
         raise ConfigError("model.n_epochs + model.n_epochs_decay must be >= 1")
+    for key in ("lr_g", "lr_d"):
+        if key in cfg.model and not float(cfg.model[key]) > 0:
+            raise ConfigError(f"model.{key} must be > 0, got {cfg.model[key]}")
+    if int(cfg.model.get("pool_size", 0)) < 0:
+        raise ConfigError(f"model.pool_size must be >= 0, got {cfg.model.pool_size}")
+    window = list(cfg.data.get("ct_window", [-1024, 3000]))
+    if len(window) != 2 or not float(window[0]) < float(window[1]):
+        raise ConfigError(f"data.ct_window must be [low, high] HU with low < high, got {window}")
+    pct = list(cfg.data.get("mri_percentiles", [0.5, 99.5]))
+    if len(pct) != 2 or not 0 <= float(pct[0]) < float(pct[1]) <= 100:
+        raise ConfigError(f"data.mri_percentiles must be [low, high] with 0 <= low < high <= 100, got {pct}")
+    guard = (cfg.get("callbacks") or {}).get("nonfinite_guard")
+    if guard is not None and int(guard.get("max_consecutive", 1)) < 1:
+        raise ConfigError(f"callbacks.nonfinite_guard.max_consecutive must be >= 1, got {guard.max_consecutive}")

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import random
 import signal
 import sys
-import zipfile
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -29,10 +27,12 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
-from mr2ct.config import InputError
+from mr2ct.config import InputError  # noqa: F401  (re-exported for callers)
+from mr2ct.export import atomic_torch_save, check_state_dict_compatible, safe_torch_load  # noqa: F401
 
 log = logging.getLogger("mr2ct.guards")
 
@@ -42,62 +42,6 @@ class NonFiniteError(RuntimeError):
 
 
 # -- checkpoint files ------------------------------------------------------------------------------
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` that never leaves a partial file at ``path``.
-
-    Lightning's own ``_atomic_save`` stages the bytes in a ``tempfile`` (usually /tmp) and then
-    ``shutil.move``s it: across file systems that move is a copy into the final path, which a kill
-    can truncate. Here the temp file sits beside the target, is fsynced, and ``os.replace`` swaps it
-    in (atomic on POSIX); a killed writer leaves at most a stray ``.tmp`` file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
-    """Load a torch file with ``weights_only=True``: tensors, numbers, strings and containers only.
-
-    Raises:
-        FileNotFoundError: no such file.
-        InputError: the file would execute code when unpickled (refused), or is corrupt / truncated.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        for line in str(err).splitlines():
-            if "GLOBAL" in line or "Unsupported" in line:
-                reason = line.strip()
-                break
-        raise InputError(
-            f"refusing to load checkpoint {path}: it contains pickled objects that could run code "
-            f"({reason}); only checkpoints of plain tensors and numbers are loaded"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"checkpoint {path} is corrupt or truncated ({first})") from None
-
-
 class SafeCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint IO: atomic writes (:func:`atomic_torch_save`), safe reads (:func:`safe_torch_load`)."""
 
@@ -106,23 +50,6 @@ class SafeCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         return safe_torch_load(path, map_location=map_location if map_location is not None else "cpu")
-
-
-def check_state_dict_compatible(expected: Mapping[str, Tensor], found: Mapping[str, Tensor], source: str, what: str = "model") -> None:
-    """Raise :class:`InputError` naming the first mismatch when ``found`` cannot load into ``expected``."""
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    shapes = [(k, tuple(found[k].shape), tuple(v.shape)) for k, v in expected.items() if k in found and tuple(found[k].shape) != tuple(v.shape)]
-    if not (missing or unexpected or shapes):
-        return
-    if shapes:
-        k, got, want = shapes[0]
-        detail = f"{k} has shape {list(got)}, the configured {what} expects {list(want)}"
-    elif missing:
-        detail = f"{len(missing)} weights missing, e.g. {missing[0]}"
-    else:
-        detail = f"{len(unexpected)} unknown weights, e.g. {unexpected[0]}"
-    raise InputError(f"checkpoint {source} belongs to another {what} architecture: {detail}")
 
 
 # -- random generators -----------------------------------------------------------------------------
@@ -202,6 +129,10 @@ class PreemptionCheckpoint(pl.Callback):
         ckpt_cb = trainer.checkpoint_callback
         folder = Path(ckpt_cb.dirpath) if ckpt_cb is not None and ckpt_cb.dirpath else Path(trainer.default_root_dir) / "checkpoints"
         path = folder / self.filename
+        if isinstance(ckpt_cb, ModelCheckpoint):
+            # ModelCheckpoint's own state then names this file as its last checkpoint: after the resume
+            # it keeps overwriting last.ckpt instead of starting last-v1.ckpt beside it
+            ckpt_cb.last_model_path = str(path)
         trainer.save_checkpoint(path)
         self.saved_path = str(path)
         if trainer.is_global_zero:

@@ -9,11 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import hydra
 import nibabel as nib
 import numpy as np
 import torch
 from torch import nn
+
+from mr2ct.export import build_generator, check_state_dict_compatible, load_exported, safe_torch_load
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 OUTPUT_DTYPES = {"float32": np.float32, "int16": np.int16, "uint8": np.uint8}
@@ -97,18 +98,17 @@ def load_generator(ckpt_path: str | Path, direction: str = "a2b", map_location: 
     if direction not in ("a2b", "b2a"):
         raise ValueError(f"direction must be 'a2b' or 'b2a', got {direction!r}")
     path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(str(path), map_location=map_location, weights_only=True)
-    run_config = ckpt.get("mr2ct_config")
+    if path.name.endswith(".safetensors"):  # exported by `python -m mr2ct.export`: no pickle at all
+        return load_exported(path, direction, map_location)
+    ckpt = safe_torch_load(path, map_location)  # missing, corrupt or code-carrying files: one clear error
+    run_config = ckpt.get("mr2ct_config") if isinstance(ckpt, dict) else None
     if not run_config or "generator" not in run_config:
         raise ValueError(f"{path} holds no mr2ct_config: not a checkpoint written by `python -m mr2ct.train`")
-    generator = hydra.utils.instantiate(run_config["generator"])
-    if not isinstance(generator, nn.Module):  # a partial (``_partial_: true``): call it once
-        generator = generator()
+    generator = build_generator(run_config["generator"], path)  # only mr2ct.nets classes, never any _target_
     prefix = "g_ab." if direction == "a2b" else "g_ba."
     state = {k[len(prefix):].replace("_orig_mod.", ""): v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     if not state:
         raise ValueError(f"{path} holds no {prefix[:-1]} weights")
+    check_state_dict_compatible(generator.state_dict(), state, str(path), "generator")
     generator.load_state_dict(state)
     return generator.eval(), run_config

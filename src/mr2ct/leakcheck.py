@@ -22,6 +22,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import hydra
 import numpy as np
@@ -29,14 +30,21 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from mr2ct.config import CONFIG_DIR, set_project_root
+from mr2ct.config import CONFIG_DIR, ConfigError, set_project_root
 from mr2ct.data.augment import list_nifti, load_volume
 
 log = logging.getLogger("mr2ct.leakcheck")
 
-import os
-HP=float(os.environ.get("HP","0"))
-DEFAULT_ANGLES = (-32.0, -24.0, -16.0, -8.0, 8.0, 16.0, 24.0, 32.0)
+
+
+def angle_grid(max_deg: float = 40.0, step_deg: float = 1.0) -> tuple[float, ...]:
+    """Non-zero angles -max..max in ``step`` steps (0 is always tried)."""
+    n = int(round(max_deg / step_deg))
+    return tuple(float(k * step_deg) for k in range(-n, n + 1) if k)
+
+
+#: 1° steps up to ±40° (4 σ of the recipe's N(0, 10°)): the detail maps decorrelate within a few degrees
+DEFAULT_ANGLES = angle_grid(40.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -47,16 +55,27 @@ class Leak:
     angle_deg: tuple[float, float, float]  # rotation of the test volume that matched best
 
 
-def signature(volume: np.ndarray | torch.Tensor, grid: int = 32, sigma: float = 1.0, percentiles: Sequence[float] = (1.0, 99.0)) -> torch.Tensor:
-    """(X, Y, Z) volume -> standardised (grid, grid, grid) float32 tensor (zero mean, unit std)."""
+def signature(
+    volume: np.ndarray | torch.Tensor,
+    grid: int = 48,
+    sigma: float = 1.0,
+    detail_sigma: float = 2.0,
+    percentiles: Sequence[float] = (1.0, 99.0),
+) -> torch.Tensor:
+    """(X, Y, Z) volume -> (grid, grid, grid) float32 detail map, standardised.
+
+    Resampled, clipped to robust percentiles, smoothed by ``sigma`` (grid voxels) against the noise,
+    then the ``detail_sigma`` blur is subtracted: the body outline and slow intensity trends, which
+    every subject shares, would otherwise dominate the correlation.
+    """
     x = torch.as_tensor(np.asarray(volume, dtype=np.float32))[None, None]
     x = F.adaptive_avg_pool3d(x, (grid, grid, grid)) if min(x.shape[2:]) >= grid else F.interpolate(x, size=(grid,) * 3, mode="trilinear")
     lo, hi = np.percentile(x.numpy(), [float(percentiles[0]), float(percentiles[1])])
     x = x.clamp(float(lo), float(hi))
     if sigma > 0:
         x = _gaussian_blur(x, sigma)
-    if HP > 0:
-        x = x - _gaussian_blur(x, HP)
+    if detail_sigma > 0:
+        x = x - _gaussian_blur(x, detail_sigma)
     x = x - x.mean()
     return (x / x.std().clamp_min(1e-6))[0, 0]
 
@@ -110,80 +129,126 @@ def _rotation_theta(angles_deg: tuple[float, float, float], shape: Sequence[int]
     return torch.cat([m, torch.zeros(3, 1, dtype=torch.float64)], dim=1).float()
 
 
-def rotated_signatures(sig: torch.Tensor, shape: Sequence[int], angles: Sequence[tuple[float, float, float]]) -> torch.Tensor:
-    """(R, grid³) standardised, flattened signatures of ``sig`` rotated by each of ``angles``."""
+def rotated_signatures(
+    sig: torch.Tensor, shape: Sequence[int], angles: Sequence[tuple[float, float, float]], radius: float = 0.8
+) -> torch.Tensor:
+    """(R, M) standardised signatures (M voxels of :func:`central_mask`) of ``sig`` rotated by each of ``angles``."""
     thetas = torch.stack([_rotation_theta(a, shape) for a in angles])
     grid = F.affine_grid(thetas, [len(angles), 1, *sig.shape], align_corners=False)
     out = F.grid_sample(sig[None, None].expand(len(angles), 1, *sig.shape), grid, mode="bilinear", padding_mode="border", align_corners=False)
-    out = out.flatten(1)
-    out = out - out.mean(dim=1, keepdim=True)
-    return out / out.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    return _standardise(out.flatten(1)[:, central_mask(sig.shape[0], radius)])
 
 
-def _flat(sig: torch.Tensor) -> torch.Tensor:
-    v = sig.flatten() - sig.mean()
-    return v / v.norm().clamp_min(1e-6)
+def central_mask(grid: int, radius: float = 0.8) -> torch.Tensor:
+    """Flat boolean mask of the ellipsoid inscribed in the grid (scaled by ``radius``).
+
+    Correlation is computed inside it only: rotating a volume moves its corners out of the field of
+    view and fills others with border values, which would lower the score of rotated copies.
+    """
+    c = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid * 2.0 - 1.0
+    x, y, z = torch.meshgrid(c, c, c, indexing="ij")
+    return (x**2 + y**2 + z**2 <= radius**2).flatten()
 
 
-def score_matrix(
-    train: Sequence[str | Path],
-    test: Sequence[str | Path],
-    grid: int = 32,
-    sigma: float = 1.0,
-    angles_deg: Sequence[float] = DEFAULT_ANGLES,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Scores (n_train, n_test): max NCC over the test volume's rotations; and the index of the best rotation."""
-    angles = rotations(angles_deg)
-    test_rot = []
-    for path in test:
-        vol, _ = load_volume(path)
-        test_rot.append(rotated_signatures(signature(vol, grid, sigma), vol.shape, angles))
-    bank = torch.cat(test_rot)  # (n_test * R, grid³)
+def _standardise(v: torch.Tensor) -> torch.Tensor:
+    """Rows of (N, M) -> zero mean, unit norm (so a dot product is the NCC)."""
+    v = v - v.mean(dim=-1, keepdim=True)
+    return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How volumes are compared (see the module docstring); defaults measured on phantoms (README)."""
+
+    grid: int = 48
+    sigma: float = 1.0
+    detail_sigma: float = 2.0
+    angles_deg: tuple[float, ...] = DEFAULT_ANGLES
+    radius: float = 0.8
+    threshold: float = 0.92
+
+
+def score_matrix(train: Sequence[str | Path], test: Sequence[str | Path], settings: Settings = Settings()) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (n_train, n_test): max NCC over the test volume's rotations; and the index of the best rotation.
+
+    Each volume is read once; memory is (n_train + rotations) x grid³ floats.
+    """
+    st = settings
+    angles = rotations(st.angles_deg)
+    mask = central_mask(st.grid, st.radius)
+    bank = torch.stack([signature(load_volume(p)[0], st.grid, st.sigma, st.detail_sigma).flatten()[mask] for p in train])
+    bank = _standardise(bank)  # (n_train, M)
     scores = np.zeros((len(train), len(test)), dtype=np.float32)
     best = np.zeros((len(train), len(test)), dtype=np.int64)
-    for i, path in enumerate(train):
+    for j, path in enumerate(test):
         vol, _ = load_volume(path)
-        ncc = (bank @ _flat(signature(vol, grid, sigma))).view(len(test), len(angles))
-        s, b = ncc.max(dim=1)
-        scores[i], best[i] = s.numpy(), b.numpy()
+        sig = signature(vol, st.grid, st.sigma, st.detail_sigma)
+        ncc = rotated_signatures(sig, vol.shape, angles, st.radius) @ bank.T  # (R, n_train)
+        s, b = ncc.max(dim=0)
+        scores[:, j], best[:, j] = s.numpy(), b.numpy()
     return scores, best
 
 
-def find_leaks(
-    train_dir: str | Path,
-    test_dir: str | Path,
-    threshold: float = 0.9,
-    grid: int = 32,
-    sigma: float = 1.0,
-    angles_deg: Sequence[float] = DEFAULT_ANGLES,
-) -> tuple[list[Leak], np.ndarray]:
-    """Pairs (train file, test file) whose score reaches ``threshold``, best first; and the full score matrix."""
-    train, test = list_nifti(train_dir), list_nifti(test_dir)
-    scores, best = score_matrix(train, test, grid, sigma, angles_deg)
-    angles = rotations(angles_deg)
+def find_leaks(train: Sequence[str | Path], test: Sequence[str | Path], settings: Settings = Settings()) -> tuple[list[Leak], np.ndarray]:
+    """Pairs (train file, test file) whose score reaches the threshold, best first; and the full score matrix."""
+    scores, best = score_matrix(train, test, settings)
+    angles = rotations(settings.angles_deg)
     leaks = [
         Leak(str(train[i]), str(test[j]), float(scores[i, j]), angles[best[i, j]])
-        for i, j in zip(*np.nonzero(scores >= threshold))
+        for i, j in zip(*np.nonzero(scores >= settings.threshold))
     ]
     return sorted(leaks, key=lambda leak: -leak.score), scores
 
 
-def check(cfg: DictConfig) -> list[Leak]:
-    """Run every (train, test) folder pair of ``cfg`` and log a summary; returns all leaks."""
-    pairs = cfg.get("pairs") or [{"train": cfg.train, "test": cfg.test}]
+def settings_from(cfg: DictConfig | dict) -> Settings:
+    return Settings(
+        grid=int(cfg["grid"]),
+        sigma=float(cfg["sigma"]),
+        detail_sigma=float(cfg["detail_sigma"]),
+        angles_deg=angle_grid(float(cfg["max_angle_deg"]), float(cfg["angle_step_deg"])),
+        radius=float(cfg["radius"]),
+        threshold=float(cfg["threshold"]),
+    )
+
+
+def check(pairs: Sequence[tuple[Sequence[str | Path], Sequence[str | Path]]], settings: Settings = Settings()) -> list[Leak]:
+    """Run every (train files, test files) pair and log a summary; returns all leaks."""
     leaks: list[Leak] = []
-    for pair in pairs:
-        if not pair.get("train") or not pair.get("test"):
-            raise FileNotFoundError("leakcheck needs train=DIR and test=DIR")
-        found, scores = find_leaks(pair["train"], pair["test"], float(cfg.threshold), int(cfg.grid), float(cfg.sigma), list(cfg.angles_deg))
-        clean = scores[scores < float(cfg.threshold)]
+    for train, test in pairs:
+        if not train or not test:
+            continue
+        found, scores = find_leaks(train, test, settings)
+        clean = scores[scores < settings.threshold]
         log.info(
-            "%s vs %s: %d x %d volumes, %d suspicious pairs (score >= %.3f); highest clean score %.3f",
-            pair["train"], pair["test"], scores.shape[0], scores.shape[1], len(found), float(cfg.threshold),
+            "%s... vs %s...: %d x %d volumes, %d suspicious pairs (score >= %.3f); highest other score %.3f",
+            Path(train[0]).parent, Path(test[0]).parent, scores.shape[0], scores.shape[1], len(found), settings.threshold,
             float(clean.max()) if clean.size else float("nan"),
         )
         leaks += found
     return leaks
+
+
+class LeakError(ConfigError):
+    """Training data holds near-copies of evaluation volumes (raised by :func:`guard`)."""
+
+
+def guard(datamodule: Any, settings: Settings = Settings()) -> None:
+    """``data.leakcheck=true``: compare each training domain with the validation and test volumes of that domain.
+
+    Needs file records (the NIfTI data module); raises :class:`LeakError` listing the pairs.
+    """
+    pairs = []
+    for domain in ("a", "b"):
+        train = [r["image"] for r in datamodule.records(f"train_{domain}") if "image" in r]
+        held = [r[domain] for split in ("val", "test") for r in datamodule.records(split) if domain in r]
+        pairs.append((train, sorted(set(held))))
+    if not any(train and held for train, held in pairs):
+        log.warning("data.leakcheck: no training and evaluation files to compare (file-based data only)")
+        return
+    leaks = check(pairs, settings)
+    if leaks:
+        raise LeakError(format_leaks(leaks) + "\nremove them (or split by subject: python -m mr2ct.split) before training")
+    log.info("data.leakcheck: no near-copies of validation/test volumes in the training data")
 
 
 def format_leaks(leaks: Sequence[Leak]) -> str:
@@ -194,7 +259,9 @@ def format_leaks(leaks: Sequence[Leak]) -> str:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="leakcheck")
 def main(cfg: DictConfig) -> None:
     try:
-        leaks = check(cfg)
+        if not cfg.get("train") or not cfg.get("test"):
+            raise FileNotFoundError("leakcheck needs train=DIR and test=DIR (folders of .nii/.nii.gz)")
+        leaks = check([(list_nifti(cfg.train), list_nifti(cfg.test))], settings_from(cfg))
     except (FileNotFoundError, ValueError) as err:
         print(f"mr2ct: error: {err}", file=sys.stderr)
         sys.exit(2)

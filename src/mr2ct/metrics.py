@@ -72,8 +72,15 @@ def ssim_map(x: Tensor, y: Tensor, data_range: float, win_size: int = 7, k1: flo
     """
     if min(x.shape) < win_size:
         raise ValueError(f"SSIM needs every side >= {win_size} voxels, got {tuple(x.shape)}")
-    x, y = x.double()[None, None], y.double()[None, None]
-    pool = lambda t: F.avg_pool3d(t, win_size, stride=1)  # noqa: E731
+    x, y = x.double(), y.double()
+
+    def pool(t: Tensor) -> Tensor:
+        # separable box mean by cumulative sums: exact in float64 and ~50x faster than avg_pool3d there
+        for dim in range(3):
+            c = torch.cat([torch.zeros_like(t.narrow(dim, 0, 1)), t.cumsum(dim)], dim=dim)
+            t = (c.narrow(dim, win_size, c.shape[dim] - win_size) - c.narrow(dim, 0, c.shape[dim] - win_size)) / win_size
+        return t
+
     n = win_size**3
     cov_norm = n / (n - 1) if sample_covariance else 1.0
     ux, uy = pool(x), pool(y)
@@ -82,7 +89,7 @@ def ssim_map(x: Tensor, y: Tensor, data_range: float, win_size: int = 7, k1: flo
     vxy = cov_norm * (pool(x * y) - ux * uy)
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
     s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
-    return s[0, 0].float()
+    return s.float()
 
 
 def ssim_hu(pred_hu: Tensor, ref_hu: Tensor, mask: Tensor | None = None, hu_range: Sequence[float] = SYNTHRAD_RANGE, win_size: int = 7) -> Tensor:
@@ -196,3 +203,64 @@ def sct_metrics(pred_hu: Tensor, ref_hu: Tensor, body: Tensor) -> dict[str, floa
         "psnr": float(psnr_hu(pred_hu, ref_hu, body)),
         "ssim": float(ssim_hu(pred_hu, ref_hu, body)),
     }
+
+
+def thumbnail(volume: Tensor, max_side: int = 64) -> Tensor:
+    """``volume`` (X, Y, Z) shrunk (trilinear) so that no side exceeds ``max_side``; on the CPU, float32.
+
+    Keeps the memory of collapse diagnostics over many large volumes small.
+    """
+    v = volume.detach().float().cpu()
+    scale = max_side / max(v.shape)
+    if scale >= 1:
+        return v.clone()
+    size = [max(1, round(s * scale)) for s in v.shape]
+    return F.interpolate(v[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
+
+
+def split_for_collapse(inputs: Sequence[Tensor], outputs: Sequence[Tensor], min_n: int = 4) -> tuple[list[Tensor], list[Tensor]]:
+    """With fewer than ``min_n`` translations, cut each volume along Z (the spine) into equal blocks.
+
+    Blocks of one volume hold different anatomy (other vertebrae), so the diagnostics stay meaningful
+    for a small validation set (the phantom's default has 2 volumes).
+    """
+    n = len(inputs)
+    if n == 0 or n >= min_n:
+        return list(inputs), list(outputs)
+    k = -(-min_n // n)
+    xs, ys = [], []
+    for x, y in zip(inputs, outputs):
+        z = min(x.shape[-1], y.shape[-1]) // k * k
+        xs += list(x[..., :z].chunk(k, dim=-1))
+        ys += list(y[..., :z].chunk(k, dim=-1))
+    return xs, ys
+
+
+def case_metrics(
+    pred_hu: Tensor,
+    ref_hu: Tensor,
+    ref_bone: Tensor | None = None,
+    mri: Tensor | None = None,
+    segment: dict | None = None,
+) -> dict[str, float]:
+    """All per-case numbers of one synthetic CT: MAE, PSNR, SSIM, bone Dice (and the MRI baseline).
+
+    Volumes (X, Y, Z): ``pred_hu``, ``ref_hu`` in HU; ``ref_bone`` the reference bone mask (default: the
+    same segmentation of the real CT); ``mri`` (any units) for the baseline "the same thresholding
+    applied to the MRI" (``dice_mri``), its body found with ``air_threshold=auto``. The body mask is
+    :func:`mr2ct.segment.body_mask` of the real CT; ``segment``: keyword arguments of
+    :func:`mr2ct.segment.segment_bone`.
+    """
+    from mr2ct.segment import body_mask as seg_body_mask
+    from mr2ct.segment import segment_bone
+
+    params = dict(segment or {})
+    pred, ref = pred_hu.detach().float().cpu(), ref_hu.detach().float().cpu()
+    body = torch.from_numpy(seg_body_mask(ref.numpy(), params.get("air_threshold", BODY_THRESHOLD_HU)))
+    out = sct_metrics(pred, ref, body)
+    bone_ref = ref_bone.detach().cpu().bool() if ref_bone is not None else torch.from_numpy(segment_bone(ref.numpy(), **params))
+    out["dice"] = float(dice(torch.from_numpy(segment_bone(pred.numpy(), **params)), bone_ref))
+    if mri is not None:
+        mri_params = {**params, "air_threshold": "auto"}
+        out["dice_mri"] = float(dice(torch.from_numpy(segment_bone(mri.detach().float().cpu().numpy(), **mri_params)), bone_ref))
+    return out

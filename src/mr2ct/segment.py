@@ -39,10 +39,10 @@ METHODS = ("otsu", "multiotsu")
 AIR_THRESHOLD_HU = -500.0
 
 
-def _histogram(values: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
-    """Counts and bin centres of ``values`` (1-D)."""
+def _histogram(values: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Counts, bin centres and bin edges of ``values`` (1-D)."""
     counts, edges = np.histogram(values, bins=bins)
-    return counts.astype(np.float64), (edges[:-1] + edges[1:]) / 2.0
+    return counts.astype(np.float64), (edges[:-1] + edges[1:]) / 2.0, edges
 
 
 def multiotsu_thresholds(values: np.ndarray, classes: int = 3, bins: int = 256) -> list[float]:
@@ -51,8 +51,9 @@ def multiotsu_thresholds(values: np.ndarray, classes: int = 3, bins: int = 256) 
     Exact over the histogram's bin boundaries, by dynamic programming: with the class cost
     ``S(i, j)^2 / W(i, j)`` (S = sum of intensities, W = voxel count of bins i..j-1), maximising the
     sum of costs over a partition into ``classes`` runs of bins is the same as maximising the
-    between-class variance. A threshold is the centre of the last bin of the lower class, as in
-    scikit-image (voxels ``> t`` belong to the upper class). ``classes=2`` is Otsu's method.
+    between-class variance. A threshold is the upper edge of the last bin of the lower class, so
+    ``> t`` splits the voxels exactly as the histogram was split (scikit-image returns that bin's
+    centre, up to half a bin lower). ``classes=2`` is Otsu's method.
     """
     values = np.asarray(values, dtype=np.float64).ravel()
     if values.size == 0:
@@ -62,7 +63,7 @@ def multiotsu_thresholds(values: np.ndarray, classes: int = 3, bins: int = 256) 
     lo, hi = float(values.min()), float(values.max())
     if lo == hi:
         return [lo] * (classes - 1)
-    counts, centres = _histogram(values, bins)
+    counts, centres, edges = _histogram(values, bins)
     w = np.concatenate([[0.0], np.cumsum(counts)])
     s = np.concatenate([[0.0], np.cumsum(counts * centres)])
     n = len(counts)
@@ -91,7 +92,7 @@ def multiotsu_thresholds(values: np.ndarray, classes: int = 3, bins: int = 256) 
     for arg in reversed(args):
         j = int(arg[j])
         cuts.append(j)
-    return [float(centres[c - 1]) for c in sorted(cuts)]
+    return [float(edges[c]) for c in sorted(cuts)]
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:

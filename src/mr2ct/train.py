@@ -27,6 +27,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from mr2ct.config import CONFIG_DIR, ConfigError, InputError, choose_strategy, set_project_root, validate
+from mr2ct.data.checks import find_input_error
 from mr2ct.guards import NonFiniteError, SafeCheckpointIO, check_state_dict_compatible, resume_argv, safe_torch_load
 
 log = logging.getLogger("mr2ct.train")
@@ -101,6 +102,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model.run_config = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in cfg if k != "hydra"}
     for split in ("train_a", "train_b", "val", "test"):  # missing/empty folders fail now, not after start-up
         datamodule.records(split)
+    if getattr(datamodule, "leakcheck", False):  # near-copies of evaluation volumes in training: stop here
+        from mr2ct.leakcheck import guard
+
+        guard(datamodule)
     if ckpt_path is not None:  # refuse unsafe, corrupt or foreign checkpoints before any training state exists
         check_state_dict_compatible(model.state_dict(), safe_torch_load(ckpt_path).get("state_dict", {}), ckpt_path)
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
@@ -147,16 +152,17 @@ def main(cfg: DictConfig) -> float | None:
     output_dir = Path(cfg.paths.output_dir)
     try:
         metrics = train(cfg)
-    except (ConfigError, InputError, FileNotFoundError) as err:
-        log.error(str(err))
-        print(f"mr2ct: error: {err}", file=sys.stderr)
-        if cfg.get("ckpt_path") in (None, ""):
-            _remove_fresh_run_dir(output_dir)
+    except (ConfigError, InputError, FileNotFoundError, NonFiniteError, RuntimeError) as err:
+        # MONAI wraps a bad file's InputError in RuntimeError("applying transform ..."): dig it out
+        user_err = err if isinstance(err, (ConfigError, InputError, FileNotFoundError, NonFiniteError)) else find_input_error(err)
+        if user_err is None:
+            raise
+        log.error(str(user_err))
+        print(f"mr2ct: error: {user_err}", file=sys.stderr)
+        if isinstance(user_err, NonFiniteError):
+            sys.exit(3)
+        _remove_fresh_run_dir(output_dir)  # a no-op in a run folder that already holds checkpoints
         sys.exit(2)
-    except NonFiniteError as err:
-        log.error(str(err))
-        print(f"mr2ct: error: {err}", file=sys.stderr)
-        sys.exit(3)
     except SIGTERMException:
         print(f"mr2ct: stopped; resume with: python -m mr2ct.train <same overrides> ckpt_path={output_dir}", file=sys.stderr)
         sys.exit(143)

@@ -92,7 +92,7 @@ def translate_array(
 
     Returns float32 (X, Y, Z) in the input's voxel grid: HU for ``a2b``, normalised [-1, 1] for ``b2a``.
     """
-    spatial = [Orientation(axcodes=prep.orientation)]
+    spatial = [Orientation(axcodes=prep.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S")))]
     if prep.spacing:
         spatial.append(Spacing(pixdim=prep.spacing, mode="bilinear"))
     spatial_xf = Compose(spatial)
@@ -104,6 +104,9 @@ def translate_array(
     else:
         net_in = hu_to_unit(raw, prep.ct_window)
     net_in = torch.as_tensor(net_in, dtype=torch.float32)[None]  # (1, 1, X, Y, Z)
+    # keep only what the inverse needs: whole-volume copies are what grows with the volume
+    meta, ops = x.meta, x.applied_operations
+    del x, raw
     device = torch.device(device)
     generator = generator.to(device)
     out = translate_volume(
@@ -112,8 +115,8 @@ def translate_array(
     del net_in
     if direction == "a2b":
         out = unit_to_hu(out, prep.ct_window)
-    restored = MetaTensor(out, meta=x.meta, applied_operations=x.applied_operations)
-    back = spatial_xf.inverse(restored)
+    back = spatial_xf.inverse(MetaTensor(out, meta=meta, applied_operations=ops))
+    del out
     return back.as_tensor()[0].numpy().astype(np.float32, copy=False)
 
 
@@ -147,6 +150,8 @@ def run(cfg: DictConfig) -> list[Path]:
         raise ValueError(f"direction must be a2b or b2a, got {cfg.direction!r}")
     if cfg.dtype not in ("float32", "int16"):
         raise ValueError(f"dtype must be float32 or int16, got {cfg.dtype!r}")
+    if cfg.segment and cfg.direction != "a2b":
+        raise ValueError("segment=true needs direction=a2b (bone is segmented on a synthetic CT)")
     pairs = plan_outputs(Path(cfg.input), Path(cfg.output))
     targets = [out for _, out in pairs] + ([bone_path(out) for _, out in pairs] if cfg.segment else [])
     existing = [str(t) for t in targets if t.exists()]
@@ -164,17 +169,19 @@ def run(cfg: DictConfig) -> list[Path]:
     for i, (src, dst) in enumerate(pairs, 1):
         t0 = time.perf_counter()
         volume, image = read_nifti(src)
+        shape = volume.shape
         out = translate_array(
             generator, volume, image.affine, prep, roi, cfg.direction, float(cfg.overlap), int(cfg.sw_batch_size), str(cfg.mode), device,
             progress=bool(cfg.progress),
         )
+        del volume
         written.append(write_nifti(out, image.affine, dst, dtype=dtype, overwrite=bool(cfg.overwrite), header=image.header))
         msg = f"[{i}/{len(pairs)}] {src} -> {dst}"
         if cfg.segment:
             bone = segment_bone(out, **params)
             written.append(write_nifti(bone.astype(np.uint8), image.affine, bone_path(dst), dtype="uint8", overwrite=bool(cfg.overwrite), header=image.header))
             msg += f" (+ {bone_path(dst).name}, {int(bone.sum())} bone voxels)"
-        print(f"{msg} {volume.shape} in {time.perf_counter() - t0:.1f} s", flush=True)
+        print(f"{msg} {shape} in {time.perf_counter() - t0:.1f} s", flush=True)
     return written
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +39,7 @@ import numpy as np
 import torch
 
 from mr2ct.data.transforms import RandGaussianRotated, RandRecipeNoised
+from mr2ct.io import nifti_stem
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 MANIFEST = "manifest.csv"
@@ -46,13 +48,14 @@ MANIFEST_FIELDS = ("file", "subject", "source", "augmentation", "params", "sha25
 CT_AIR_THRESHOLD = -500.0
 
 
-def nifti_stem(path: str | Path) -> str:
-    """File name without ``.nii`` / ``.nii.gz``."""
-    name = Path(path).name
-    for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+#: a stem's subject id: the stem without the suffixes augment_folder appends (_rot03, _noise07)
+SUBJECT_PATTERN = r"^(.+?)(?:_(?:rot|noise|aug)\d+)?$"
+
+
+def subject_id(stem: str, pattern: str = SUBJECT_PATTERN) -> str:
+    """Source-subject id of a file stem: the first group of ``pattern`` (the stem itself when it does not match)."""
+    m = re.match(pattern, stem)
+    return m.group(1) if m and m.groups() else stem
 
 
 def list_nifti(folder: str | Path) -> list[Path]:
@@ -260,3 +263,24 @@ def write_phantom_nifti(
         save_volume(path, vol, affine)
         paths.append(path)
     return paths
+
+
+def read_split(path: str | Path) -> dict[str, Any]:
+    """A split file (``python -m mr2ct.split``) with its paths made absolute; checks the keys the data module needs."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"split file not found: {path}")
+    split = json.loads(path.read_text())
+    missing = [k for k in ("train_a", "train_b", "val", "test") if k not in split]
+    if missing:
+        raise ValueError(f"{path}: split file lacks {missing}")
+    base = path.parent.resolve()
+
+    def absolute(p: str) -> str:
+        return str((base / p).resolve())
+
+    for key in ("train_a", "train_b", "excluded"):
+        split[key] = [absolute(p) for p in split.get(key, [])]
+    for key in ("val", "test"):
+        split[key] = [{k: (v if k == "name" else absolute(v)) for k, v in rec.items()} for rec in split[key]]
+    return split

@@ -9,7 +9,6 @@ Intensities are normalised to [-1, 1] (see :mod:`mr2ct.data.transforms`).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,17 +17,18 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset, list_data_collate
+from monai.data import DataLoader as MonaiDataLoader
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
     EnsureTyped,
-    LoadImaged,
     MapTransform,
     Orientationd,
     Spacingd,
 )
 from torch.utils.data import DataLoader
 
+from mr2ct.data.checks import CheckVolumed, SafeLoadImaged
 from mr2ct.data.phantom import make_anatomy, render_ct, render_mri
 from mr2ct.data.transforms import normalize_ct, normalize_mri, patch_transforms
 
@@ -76,8 +76,10 @@ class CycleGANDataModule(pl.LightningDataModule):
         augment: Mapping[str, Any] | None = None,
         cache: str = "memory",
         cache_dir: str | None = None,
+        leakcheck: bool = False,
     ) -> None:
         super().__init__()
+        self.leakcheck = bool(leakcheck)  # read by the train entry (mr2ct.leakcheck.guard) before fitting
         self.patch_size = [int(p) for p in patch_size]
         self.batch_size = int(batch_size)
         self.samples_per_volume = int(samples_per_volume)
@@ -119,6 +121,9 @@ class CycleGANDataModule(pl.LightningDataModule):
             xform = Compose(
                 [*self.loader(["image"]), norm, patch_transforms(["image"], self.patch_size, self.augment, self.samples_per_volume)]
             )
+            # MONAI's random transforms share one generator seeded from OS entropy at import; seeding them
+            # from torch's seed (set by seed_everything) makes crops and augmentation follow `seed=`
+            xform.set_random_state(seed=(torch.initial_seed() + (domain == "b")) % 2**32)
             parts[domain] = self._dataset(self.records(f"train_{domain}"), xform, f"train_{domain}")
         return UnpairedDataset(parts["a"], parts["b"])
 
@@ -148,7 +153,9 @@ class CycleGANDataModule(pl.LightningDataModule):
                         self.datasets[split] = ds
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
+        # MONAI's loader re-seeds the random transforms in each worker; with torch's, every worker would
+        # hold a copy of one transform RNG state and draw the same patches and augmentations
+        return MonaiDataLoader(
             self.datasets["train"],
             batch_size=self.batch_size,
             shuffle=True,
@@ -262,8 +269,8 @@ class NiftiDataModule(CycleGANDataModule):
 
     def __init__(
         self,
-        train_a: str,
-        train_b: str,
+        train_a: str | None = None,
+        train_b: str | None = None,
         val_a: str | None = None,
         val_b: str | None = None,
         val_bone: str | None = None,
@@ -272,9 +279,12 @@ class NiftiDataModule(CycleGANDataModule):
         test_bone: str | None = None,
         spacing: Sequence[float] | None = None,
         orientation: str = "RAS",
+        split_file: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        # a split file (python -m mr2ct.split) replaces all folders: file lists per split
+        self.split_file = split_file
         self.folders = {
             "train_a": train_a,
             "train_b": train_b,
@@ -285,9 +295,22 @@ class NiftiDataModule(CycleGANDataModule):
         self.orientation = orientation
 
     def records(self, split: str) -> list[dict[str, Any]]:
+        if self.split_file:
+            from mr2ct.data.augment import read_split
+
+            listed = read_split(self.split_file)[split]
+            if split.startswith("train"):
+                listed = [{"image": p, "name": nifti_stem(p)} for p in listed]
+            for path in (v for rec in listed for k, v in rec.items() if k != "name"):
+                if not Path(path).is_file():
+                    raise FileNotFoundError(f"{self.split_file}: {split} file does not exist: {path}")
+            return listed
         entry = self.folders[split]
+        if split.startswith("train") and not entry:
+            raise FileNotFoundError(f"data.{split} is not set: give data.train_a and data.train_b folders, or data.split_file")
         if isinstance(entry, str):
-            return [{"image": str(p), "name": nifti_stem(p)} for p in list_nifti(entry)]
+            modality = "ct" if split == "train_b" else "mri"  # read by CheckVolumed's HU check
+            return [{"image": str(p), "name": nifti_stem(p), "modality": modality} for p in list_nifti(entry)]
         folder_a, folder_b, folder_bone = entry
         if not folder_a or not folder_b:
             return []
@@ -309,17 +332,14 @@ class NiftiDataModule(CycleGANDataModule):
     def loader(self, keys: Sequence[str]) -> list[Callable]:
         keys = list(keys)
         xforms: list[Callable] = [
-            LoadImaged(keys, image_only=True, dtype=np.float32),
+            SafeLoadImaged(keys, image_only=True, dtype=np.float32),  # unreadable file -> InputError naming it
             EnsureChannelFirstd(keys),
+            CheckVolumed(keys, self.patch_size),  # 3-D, finite, big enough, CT in HU (warning)
             Orientationd(keys, axcodes=self.orientation),
         ]
         if self.spacing:
             modes = ["nearest" if k == "bone" else "bilinear" for k in keys]
             xforms.append(Spacingd(keys, pixdim=self.spacing, mode=modes))
+            xforms.append(CheckVolumed(keys, self.patch_size, size_only=True))
         return xforms
 
-
-def subject_id(name: str, pattern: str = r"^(.+?)(?:_(?:rot|noise|aug)\d+)?$") -> str:
-    """Source-subject id of a file stem (used to keep augmented copies on one side of a split)."""
-    m = re.match(pattern, name)
-    return m.group(1) if m else name

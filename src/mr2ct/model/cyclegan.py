@@ -265,19 +265,28 @@ class CycleGAN(pl.LightningModule):
         )
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        """MAE / PSNR / SSIM in the body and bone Dice of one whole paired volume (as ``evaluate``)."""
+        from mr2ct.metrics import case_metrics  # one implementation for validation and evaluate
+
         real_a, real_b = plain(batch["a"]), plain(batch["b"])
         fake_b = self.translate(real_a, "a2b")
         window = self.hparams.ct_window
-        mae = mae_hu(unit_to_hu(fake_b, window), unit_to_hu(real_b, window))
-        self.log("val/mae", mae, on_epoch=True, prog_bar=True, batch_size=1, sync_dist=True)
+        bone = plain(batch["bone"])[0, 0] > 0.5 if "bone" in batch else None
+        m = case_metrics(unit_to_hu(fake_b[0, 0], window), unit_to_hu(real_b[0, 0], window), bone)
+        for name, value in m.items():
+            self.log(f"val/{name}", value, on_epoch=True, prog_bar=name in ("mae", "dice"), batch_size=1, sync_dist=True)
         return {"fake_b": fake_b}
 
     def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        from mr2ct.metrics import case_metrics
+
         real_a, real_b = plain(batch["a"]), plain(batch["b"])
         fake_b = self.translate(real_a, "a2b")
         window = self.hparams.ct_window
-        mae = mae_hu(unit_to_hu(fake_b, window), unit_to_hu(real_b, window))
-        self.log("test/mae", mae, on_epoch=True, batch_size=1, sync_dist=True)
+        bone = plain(batch["bone"])[0, 0] > 0.5 if "bone" in batch else None
+        m = case_metrics(unit_to_hu(fake_b[0, 0], window), unit_to_hu(real_b[0, 0], window), bone, mri=real_a[0, 0])
+        for name, value in m.items():
+            self.log(f"test/{name}", value, on_epoch=True, batch_size=1, sync_dist=True)
 
     # -- optimisation and checkpoint state ---------------------------------------------------------
     def configure_optimizers(self):  # type: ignore[override]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["NORMS", "norm_layer", "monai_norm", "init_weights"]
+__all__ = ["NORMS", "InstanceNorm3d", "norm_layer", "monai_norm", "init_weights", "use_fast_instance_norm"]
 
 NORMS = ("instance", "batch", "none")
 
@@ -32,6 +32,27 @@ def _check_norm(norm: str) -> str:
     return key
 
 
+class InstanceNorm3d(nn.InstanceNorm3d):
+    """``nn.InstanceNorm3d`` (no running statistics) computed by the group-norm kernel with one group per channel.
+
+    Same maths, parameters and state-dict keys; PyTorch's instance norm reshapes to a (1, B*C, ...) batch norm,
+    which on CPU is 2-4x slower forward+backward than ``group_norm`` (measured at 1 thread on 16x32³ and 64x8³).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.track_running_stats or x.dim() != 5:
+            return super().forward(x)
+        return nn.functional.group_norm(x, self.num_features, self.weight, self.bias, self.eps)
+
+
+def use_fast_instance_norm(net: nn.Module) -> nn.Module:
+    """Swap every plain ``nn.InstanceNorm3d`` inside ``net`` (e.g. built by MONAI) for :class:`InstanceNorm3d`."""
+    for m in net.modules():
+        if type(m) is nn.InstanceNorm3d:
+            m.__class__ = InstanceNorm3d
+    return net
+
+
 def norm_layer(norm: str, channels: int) -> nn.Module | None:
     """A 3D normalisation layer for ``channels`` channels, or ``None`` for ``norm="none"``.
 
@@ -41,7 +62,7 @@ def norm_layer(norm: str, channels: int) -> nn.Module | None:
     """
     key = _check_norm(norm)
     if key == "instance":
-        return nn.InstanceNorm3d(channels, affine=True, track_running_stats=False)
+        return InstanceNorm3d(channels, affine=True, track_running_stats=False)
     if key == "batch":
         return nn.BatchNorm3d(channels)
     return None

@@ -11,7 +11,7 @@ from monai.networks.blocks import Convolution, ResidualUnit
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mr2ct.nets.init import monai_norm
+from mr2ct.nets.init import monai_norm, use_fast_instance_norm
 
 __all__ = ["UNetGenerator", "UNET_PRESETS", "strip_bias_before_norm"]
 
@@ -142,6 +142,7 @@ class UNetGenerator(nn.Module):
             for i in reversed(range(levels))
         )
         strip_bias_before_norm(self)
+        use_fast_instance_norm(self)
 
     def _run(self, fn, *args: torch.Tensor) -> torch.Tensor:
         if self.checkpointing and torch.is_grad_enabled():

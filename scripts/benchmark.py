@@ -1,0 +1,138 @@
+"""Speed and memory of CycleGAN training steps against this machine's own ceiling, in one run.
+
+    python scripts/benchmark.py                                   # default generator (unet), 64³, batch 1
+    python scripts/benchmark.py generator=unet,resnet3d_9blk patch=64 batch=1 steps=3 threads=1
+    python scripts/benchmark.py peer=true                         # the peer's configuration (see README)
+    python scripts/benchmark.py savers=none,split+ckpt,channels_last model.pool_size=10
+
+Keys: ``generator`` (comma list), ``patch`` (64 or 32x64x64), ``batch``, ``steps`` (timed steps after one
+warm-up step), ``threads`` (0 = torch's default), ``savers`` (comma list of: none, split, ckpt, split+ckpt,
+channels_last, compile), ``translate`` (XxYxZ volume, ``none`` to skip), ``window`` (XxYxZ, default the patch),
+``peer`` (true: generator=resnet3d_9blk, PatchGAN 3 layers/64 filters, no identity, patch 32x64x64, batch 1,
+translation of 64x128x128), ``out`` (JSON path). Any ``a.b=c`` is passed to the train config as an override.
+Each configuration runs in a fresh process (peak RSS is its own). Prints a table; writes JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+from mr2ct import profiling as P
+
+SAVERS = {
+    "none": [],
+    "split": ["model.split_backward=true"],
+    "ckpt": ["generator.checkpointing=true"],
+    "split+ckpt": ["model.split_backward=true", "generator.checkpointing=true"],
+    "channels_last": ["model.channels_last=true"],
+    "compile": ["model.compile=true"],
+}
+PEER = ["discriminator=patchgan", "discriminator.ndf=64", "discriminator.n_layers=3", "loss=[adversarial,cycle]",
+        "generator.padding_mode=replicate"]
+
+
+def _shape(text: str) -> list[int]:
+    parts = [int(p) for p in str(text).lower().split("x")]
+    return parts * 3 if len(parts) == 1 else parts
+
+
+def main(argv: list[str]) -> dict:
+    args = {"generator": "unet", "patch": "64", "batch": "1", "steps": "3", "threads": "0", "savers": "none",
+            "translate": "160x160x128", "window": "", "peer": "false", "out": "benchmark.json"}
+    extra = []
+    for a in argv:
+        key, _, val = a.partition("=")
+        if "." in key or key.startswith(("+", "~")):
+            extra.append(a)
+        elif key in args:
+            args[key] = val
+        else:
+            sys.exit(f"mr2ct: error: unknown key {key!r} (keys: {', '.join(args)}, or a.b=c config overrides)")
+    if args["peer"].lower() == "true":
+        args.update(generator="resnet3d_9blk", patch="32x64x64", batch="1", translate="64x128x128")
+        extra = [*PEER, *extra]
+    threads = int(args["threads"]) or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    patch, batch, steps = _shape(args["patch"]), int(args["batch"]), int(args["steps"])
+    window = _shape(args["window"]) if args["window"] else patch
+    load0 = os.getloadavg()
+    report: dict = {"threads": threads, "device": "cuda" if torch.cuda.is_available() else "cpu", "patch": patch,
+                    "batch": batch, "extra_overrides": extra, "loadavg_start": load0}
+
+    # ceilings, measured first and again at the end: the load of a shared machine drifts
+    def ceilings() -> dict:
+        out = {f"conv_{'fb' if b else 'fwd'}{'_cl' if cl else ''}": P.conv_ceiling(b, cl) for b in (False, True) for cl in (False, True)}
+        out["matmul"] = P.matmul_ceiling()
+        return out
+
+    c0 = ceilings()
+    # bf16 vs fp32 on a tiny conv only: bf16 is hundreds of times slower on CPUs without AMX/AVX512-BF16
+    # (batch 2: at batch 1 this small a conv takes PyTorch's non-oneDNN path in fp32, not comparable)
+    small = dict(size=16, channels=8, batch=2, repeats=3)
+    bf = P.conv_ceiling(False, False, dtype=torch.bfloat16, **small)
+    fp = P.conv_ceiling(False, False, **small)
+    report["bf16_over_fp32_time_small_conv"] = bf["seconds"] / fp["seconds"]
+
+    runs = []
+    for gen in args["generator"].split(","):
+        for saver in args["savers"].split(","):
+            overrides = [f"generator={gen}", f"data.patch_size=[{','.join(map(str, patch))}]", f"data.batch_size={batch}",
+                         *extra, *SAVERS[saver]]
+            cfg = P.compose(overrides)
+            trace = P.trace_step(cfg)
+            t0 = time.time()
+            m = P.measure({"kind": "train", "overrides": overrides, "steps": steps, "threads": threads})
+            pred = P.predict_rss(trace, m["runtime_rss"], pool_images=m["pool_images"], pool_size=int(cfg.model.pool_size))
+            run = {"generator": gen, "saver": saver, "overrides": overrides, "median_s": m["median_s"],
+                   "step_times": m["step_times"], "first_step_s": m["first_step_s"], "flops": trace["flops"],
+                   "gflop_per_s": trace["flops"] / m["median_s"] / 1e9, "peak_rss_gb": m["peak_rss"] / P.GB,
+                   "predicted_rss_gb": pred / P.GB, "tensor_peak_gb": trace["total"] / P.GB,
+                   "runtime_rss_gb": m["runtime_rss"] / P.GB, "wall_s": time.time() - t0}
+            run["rss_prediction_error"] = pred / m["peak_rss"] - 1
+            if "peak_cuda" in m:
+                run["peak_cuda_gb"] = m["peak_cuda"] / P.GB
+            runs.append(run)
+            print(f"[{gen} {saver}] {m['median_s']:.2f} s/step, peak {run['peak_rss_gb']:.2f} GB", flush=True)
+    translations = []
+    if args["translate"] != "none":
+        for gen in args["generator"].split(","):
+            overrides = [f"generator={gen}", *extra, *(SAVERS["channels_last"] if "channels_last" in args["savers"] else [])]
+            t = P.measure({"kind": "translate", "overrides": overrides, "shape": _shape(args["translate"]), "roi": window,
+                           "overlap": 0.25, "sw_batch_size": 1, "threads": threads})
+            translations.append({"generator": gen, "overrides": overrides, **t, "peak_rss_gb": t["peak_rss"] / P.GB})
+    c1 = ceilings()
+    ceil = {k: {"gflop_per_s": (c0[k]["gflop_per_s"] + c1[k]["gflop_per_s"]) / 2, "start": c0[k]["gflop_per_s"],
+                "end": c1[k]["gflop_per_s"]} for k in c0}
+    conv_fb = max(ceil["conv_fb"]["gflop_per_s"], ceil["conv_fb_cl"]["gflop_per_s"])
+    for run in runs:
+        run["mfu_conv_fb"] = run["gflop_per_s"] / conv_fb
+        run["mfu_matmul"] = run["gflop_per_s"] / ceil["matmul"]["gflop_per_s"]
+        base = next(r for r in runs if r["generator"] == run["generator"])
+        run["time_vs_first_saver"] = run["median_s"] / base["median_s"]
+    report.update(ceilings=ceil, runs=runs, translations=translations, loadavg_end=os.getloadavg())
+
+    print(f"\nthreads {threads}, load average {load0[0]:.1f} -> {report['loadavg_end'][0]:.1f}, device {report['device']}")
+    print("ceiling GFLOP/s (start/end): " + ", ".join(f"{k} {v['start']:.0f}/{v['end']:.0f}" for k, v in ceil.items()))
+    print(f"bf16-autocast / fp32 time, tiny conv forward (batch 2, 8 ch, 16³): {report['bf16_over_fp32_time_small_conv']:.1f}x")
+    hdr = f"{'generator':<15}{'saver':<14}{'s/step':>8}{'xfirst':>7}{'TFLOP':>7}{'GFLOP/s':>9}{'MFU conv':>9}{'MFU mm':>8}{'RSS GB':>8}{'pred GB':>8}{'err':>7}"
+    print(hdr)
+    for r in runs:
+        print(f"{r['generator']:<15}{r['saver']:<14}{r['median_s']:>8.2f}{r['time_vs_first_saver']:>7.2f}{r['flops'] / 1e12:>7.3f}"
+              f"{r['gflop_per_s']:>9.1f}{r['mfu_conv_fb']:>9.0%}{r['mfu_matmul']:>8.0%}{r['peak_rss_gb']:>8.2f}"
+              f"{r['predicted_rss_gb']:>8.2f}{r['rss_prediction_error']:>7.1%}")
+    for t in translations:
+        print(f"translate {t['generator']} {t['shape']} windows {t['roi']}: {t['seconds']:.2f} s, "
+              f"{t['voxels_per_s'] / 1e6:.2f} Mvoxel/s, peak RSS {t['peak_rss_gb']:.2f} GB")
+    with open(args["out"], "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {args['out']}")
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,125 @@
+"""Input checks for NIfTI volumes: a bad file fails with one line naming it, before training starts.
+
+:class:`SafeLoadImaged` turns a reader failure (not NIfTI, truncated gzip, corrupt header) into an
+:class:`~mr2ct.config.InputError`; :class:`CheckVolumed` refuses volumes that are not 3-D, hold
+NaN/Inf, or are too small for the patch, and warns about a CT that does not look like Hounsfield
+units. MONAI wraps errors raised inside a transform chain in ``RuntimeError("applying transform
+...")``; :func:`find_input_error` digs the :class:`InputError` back out for the entry point.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import torch
+from monai.config import KeysCollection
+from monai.transforms import LoadImaged, MapTransform
+
+from mr2ct.config import InputError
+
+log = logging.getLogger("mr2ct.data")
+
+#: a dimension below this fraction of the patch would leave the padded patch mostly background
+MIN_PATCH_FRACTION = 0.25
+
+
+def find_input_error(err: BaseException | None) -> InputError | None:
+    """The :class:`InputError` in ``err``'s chain of causes (MONAI and thread pools wrap exceptions)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, InputError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _source(value: Any, fallback: str) -> str:
+    meta = getattr(value, "meta", None)
+    name = meta.get("filename_or_obj") if isinstance(meta, Mapping) else None
+    return str(name) if name else fallback
+
+
+class SafeLoadImaged(MapTransform):
+    """``LoadImaged`` whose failures name the file: ``<path>: not a readable NIfTI file (<reason>)``."""
+
+    def __init__(self, keys: KeysCollection, **load_kwargs: Any) -> None:
+        super().__init__(keys)
+        self.load = LoadImaged(keys, **load_kwargs)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        try:
+            return self.load(data)
+        except Exception as err:  # nibabel/gzip/zlib/OSError/EOFError...: all mean "cannot read this file"
+            key = next((k for k in self.keys if k in data), None)
+            path = data.get(key, "?") if key is not None else "?"
+            cause = err
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            reason = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
+            raise InputError(f"{path}: not a readable NIfTI file ({reason[:200]})") from None
+
+
+class CheckVolumed(MapTransform):
+    """Refuse volumes the networks cannot use; warn about a CT that is not in Hounsfield units.
+
+    Expects channel-first volumes (1, X, Y, Z) after loading. Errors (:class:`InputError`):
+    not 3-D (a 2-D slice, or a 4-D series with several volumes), NaN/Inf voxels, an axis of size 1,
+    or an axis shorter than ``MIN_PATCH_FRACTION`` of ``patch_size`` (padding would make the patch
+    mostly background). Warning: a CT (``ct_keys``, or key ``image`` of a record with
+    ``modality: ct``) whose values never reach air (< -500) or stay within [-10, 10] (normalised?).
+    """
+
+    def __init__(
+        self, keys: KeysCollection, patch_size: Sequence[int] | None = None, ct_keys: Sequence[str] = ("b",), size_only: bool = False
+    ) -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        self.patch_size = [int(p) for p in patch_size] if patch_size else None
+        self.ct_keys = set(ct_keys)
+        self.size_only = size_only  # a second pass after resampling: only the size can have changed
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            path = _source(img, str(d.get("name", key)))
+            spatial = tuple(int(s) for s in img.shape[1:])
+            if img.shape[0] != 1 or len(spatial) != 3:
+                shape = (*spatial,) if img.shape[0] == 1 else (*spatial, int(img.shape[0]))
+                raise InputError(f"{path}: expected a 3-D volume, got shape {list(shape)} ({len(shape)}-D)")
+            t = torch.as_tensor(img)
+            if self.size_only:
+                self._check_size(path, spatial)
+                continue
+            finite = torch.isfinite(t)
+            if not bool(finite.all()):
+                n_bad = int((~finite).sum())
+                raise InputError(f"{path}: {n_bad} voxels are NaN or infinite")
+            if min(spatial) < 2:
+                raise InputError(f"{path}: degenerate volume of shape {list(spatial)} (an axis of size 1)")
+            self._check_size(path, spatial)
+            is_ct = key in self.ct_keys or (key == "image" and d.get("modality") == "ct")
+            if is_ct:
+                lo, hi = float(t.min()), float(t.max())
+                if lo > -500 or (hi - lo) < 20:
+                    msg = f"{path}: CT values range [{lo:.4g}, {hi:.4g}]: not Hounsfield units? (air is about -1000 HU)"
+                    log.warning(msg)
+                    warnings.warn(msg, stacklevel=2)
+        return d
+
+    def _check_size(self, path: str, spatial: tuple[int, ...]) -> None:
+        if not self.patch_size:
+            return
+        need = [max(2, math.ceil(p * MIN_PATCH_FRACTION)) for p in self.patch_size]
+        if any(s < n for s, n in zip(spatial, need)):
+            raise InputError(
+                f"{path}: volume {list(spatial)} is too small for patch {self.patch_size} "
+                f"(each axis needs >= {need}; pad the data or use a smaller data.patch_size)"
+            )
+
+
+__all__ = ["CheckVolumed", "InputError", "SafeLoadImaged", "find_input_error", "MIN_PATCH_FRACTION"]

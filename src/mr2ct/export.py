@@ -1,0 +1,238 @@
+"""Shareable model files and the safe ways checkpoints are written and read.
+
+``python -m mr2ct.export ckpt=RUN/checkpoints/last.ckpt output=model.safetensors`` writes both
+generators (``g_ab.*`` MRI->CT, ``g_ba.*`` CT->MRI) as safetensors, with the generator config and
+preprocessing settings in the file's metadata and beside it as ``model.json``. Such a file holds
+no pickle at all; ``python -m mr2ct.translate ckpt=model.safetensors ...`` reads it.
+
+Every torch checkpoint the project reads goes through :func:`safe_torch_load` (``weights_only=True``)
+and every network named in a file is built by :func:`build_generator`, which only instantiates
+classes of :mod:`mr2ct.nets`: a file can neither unpickle code nor name an arbitrary callable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import sys
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from mr2ct.config import CONFIG_DIR, InputError, set_project_root
+
+log = logging.getLogger("mr2ct.export")
+
+FORMAT = "mr2ct-generators"
+#: run-config entries an exported model keeps: what translate/evaluate need to preprocess like training
+KEPT_DATA_KEYS = ("_target_", "orientation", "spacing", "ct_window", "mri_percentiles", "patch_size")
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` that never leaves a partial file at ``path``.
+
+    Lightning's own ``_atomic_save`` stages the bytes in a ``tempfile`` (usually /tmp) and then
+    ``shutil.move``s it: across file systems that move is a copy into the final path, which a kill
+    can truncate. Here the temp file sits beside the target, is fsynced, and ``os.replace`` swaps it
+    in (atomic on POSIX); a killed writer leaves at most a stray ``.tmp`` file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
+    """Load a torch file with ``weights_only=True``: tensors, numbers, strings and containers only.
+
+    Raises:
+        FileNotFoundError: no such file.
+        InputError: the file would execute code when unpickled (refused), or is corrupt / truncated.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "global" not in str(err).lower():  # garbage bytes read as a legacy pickle, not a code-carrying one
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise InputError(f"checkpoint {path} is corrupt or truncated ({first})") from None
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        for line in str(err).splitlines():
+            if "GLOBAL" in line or "Unsupported" in line:
+                reason = line.strip()
+                break
+        raise InputError(
+            f"refusing to load checkpoint {path}: it contains pickled objects that could run code "
+            f"({reason}); only checkpoints of plain tensors and numbers are loaded"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"checkpoint {path} is corrupt or truncated ({first})") from None
+
+
+def check_state_dict_compatible(expected: Mapping[str, Tensor], found: Mapping[str, Tensor], source: str, what: str = "model") -> None:
+    """Raise :class:`InputError` naming the first mismatch when ``found`` cannot load into ``expected``."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [(k, tuple(found[k].shape), tuple(v.shape)) for k, v in expected.items() if k in found and tuple(found[k].shape) != tuple(v.shape)]
+    if not (missing or unexpected or shapes):
+        return
+    if shapes:
+        k, got, want = shapes[0]
+        detail = f"{k} has shape {list(got)}, the configured {what} expects {list(want)}"
+    elif missing:
+        detail = f"{len(missing)} weights missing, e.g. {missing[0]}"
+    else:
+        detail = f"{len(unexpected)} unknown weights, e.g. {unexpected[0]}"
+    raise InputError(f"checkpoint {source} belongs to another {what} architecture: {detail}")
+
+
+def build_generator(gen_cfg: Mapping[str, Any], source: str | Path) -> nn.Module:
+    """Instantiate a generator config read from a file, allowing only classes of :mod:`mr2ct.nets`.
+
+    A config's ``_target_`` is an import path that Hydra would call: a shared file naming
+    ``os.system`` would run it. Only the top-level target may be set, and only to a network class.
+    """
+    import mr2ct.nets
+
+    def nested_targets(value: Any) -> bool:
+        if isinstance(value, Mapping):
+            return any(k == "_target_" or nested_targets(v) for k, v in value.items())
+        if isinstance(value, (list, tuple)):
+            return any(nested_targets(v) for v in value)
+        return False
+
+    if not isinstance(gen_cfg, Mapping):
+        raise InputError(f"{source}: the generator config is not a mapping")
+    target = str(gen_cfg.get("_target_", ""))
+    module, _, name = target.rpartition(".")
+    cls = getattr(mr2ct.nets, name, None) if module.startswith("mr2ct.nets") else None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)) or any(nested_targets(v) for k, v in gen_cfg.items() if k != "_target_"):
+        raise InputError(f"{source}: refusing generator _target_ {target!r}: only network classes of mr2ct.nets are built from a file")
+    kwargs = {k: v for k, v in gen_cfg.items() if not k.startswith("_")}
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise InputError(f"{source}: generator config does not fit {name}: {err}") from None
+
+
+def export_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a training run's config an exported model carries (no data paths, no losses)."""
+    data = run_config.get("data", {})
+    return {
+        "format": FORMAT,
+        "version": 1,
+        "generator": dict(run_config["generator"]),
+        "data": {k: data[k] for k in KEPT_DATA_KEYS if k in data},
+        "model": {"inference": dict(run_config.get("model", {}).get("inference", {}))},
+    }
+
+
+def export(ckpt_path: str | Path, output: str | Path, overwrite: bool = False) -> tuple[Path, Path]:
+    """Write the generators of a training checkpoint as ``output`` (.safetensors) + ``output.json``."""
+    from safetensors.torch import save_file
+
+    output = Path(output)
+    if not output.name.endswith(".safetensors"):
+        raise InputError(f"output must end with .safetensors: {output}")
+    meta_path = output.with_suffix(".json")
+    for path in (output, meta_path):
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"output exists: {path} (pass overwrite=true to replace it)")
+    ckpt = safe_torch_load(ckpt_path)
+    run_config = ckpt.get("mr2ct_config") if isinstance(ckpt, Mapping) else None
+    if not run_config or "generator" not in run_config:
+        raise InputError(f"{ckpt_path} holds no mr2ct_config: not a checkpoint written by `python -m mr2ct.train`")
+    config = export_config(run_config)
+    weights = {
+        k.replace("_orig_mod.", ""): v.detach().cpu().contiguous()
+        for k, v in ckpt["state_dict"].items()
+        if k.startswith(("g_ab.", "g_ba."))
+    }
+    for prefix in ("g_ab.", "g_ba."):
+        build = build_generator(config["generator"], ckpt_path)
+        own = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        check_state_dict_compatible(build.state_dict(), own, str(ckpt_path), "generator")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
+    try:
+        save_file(weights, str(tmp), metadata={"mr2ct": json.dumps(config)})
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    meta_path.write_text(json.dumps(config, indent=2))
+    return output, meta_path
+
+
+def load_exported(path: str | Path, direction: str = "a2b", map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """(generator in eval mode, config) from an exported .safetensors file; see :func:`mr2ct.io.load_generator`."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    prefix = "g_ab." if direction == "a2b" else "g_ba."
+    device = str(map_location)
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            meta = f.metadata() or {}
+            state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise InputError(f"model file {path} is corrupt or not safetensors ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+    text = meta.get("mr2ct")
+    sidecar = path.with_suffix(".json")
+    if text is None and sidecar.is_file():
+        text = sidecar.read_text()
+    try:
+        config = json.loads(text) if text else None
+    except json.JSONDecodeError:
+        config = None
+    if not isinstance(config, dict) or config.get("format") != FORMAT or "generator" not in config:
+        raise InputError(f"{path} carries no mr2ct generator config (export it with `python -m mr2ct.export`)")
+    if not state:
+        raise InputError(f"{path} holds no {prefix[:-1]} weights")
+    generator = build_generator(config["generator"], path)
+    check_state_dict_compatible(generator.state_dict(), state, str(path), "generator")
+    generator.load_state_dict(state)
+    return generator.eval(), config
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
+def main(cfg: DictConfig) -> None:
+    try:
+        out, meta = export(cfg.ckpt, cfg.output, overwrite=bool(cfg.overwrite))
+    except (InputError, FileNotFoundError, FileExistsError) as err:
+        log.error(str(err))
+        print(f"mr2ct: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"mr2ct: exported generators to {out} (config: {meta})")
+
+
+if __name__ == "__main__":
+    set_project_root()
+    main()

@@ -1,0 +1,113 @@
+"""Memory planner: ``python -m mr2ct.plan generator=... data.patch_size=[96,96,96] data.batch_size=2 [gpu_memory_gb=32]``.
+
+Composes the real train config from the same overrides and predicts the peak training memory per
+device (the batch size is per device under DDP) with and without each memory saver, by running one
+full training step on the meta device (shapes only, no arithmetic: instant at any size) and tracking
+the bytes of live tensors (:func:`mr2ct.profiling.trace_step`). Predictions:
+
+* GPU: tensor peak (= ``torch.cuda.max_memory_allocated``) x (1 + ``gpu_overhead_fraction``) + context;
+* CPU: peak RSS = the runtime footprint (libraries, measured in this process) + a calibrated fit
+  overhead (:data:`mr2ct.profiling.FIT_OVERHEAD`) + tensor peak + the two history pools when full.
+  Validated against measured peak RSS by ``tests/test_plan.py`` and ``scripts/benchmark.py``.
+
+bf16-mixed rows trace activations in bf16 with fp32 weights, gradients and Adam states (GPU only:
+bf16 on this CPU is hundreds of times slower).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from mr2ct.config import CONFIG_DIR, ConfigError, set_project_root, validate
+from mr2ct.profiling import FIT_OVERHEAD, GB, runtime_rss, trace_step
+
+log = logging.getLogger("mr2ct.plan")
+
+#: saver name -> config changes (``bf16`` is mixed precision: ``trainer.precision=bf16-mixed``)
+SAVERS: dict[str, dict[str, Any]] = {
+    "none": {},
+    "split": {"model.split_backward": True},
+    "ckpt": {"generator.checkpointing": True},
+    "split+ckpt": {"model.split_backward": True, "generator.checkpointing": True},
+    "bf16": {"trainer.precision": "bf16-mixed"},
+    "bf16+split+ckpt": {"trainer.precision": "bf16-mixed", "model.split_backward": True, "generator.checkpointing": True},
+}
+
+
+def _with(cfg: DictConfig, changes: dict[str, Any]) -> DictConfig:
+    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    for key, val in changes.items():
+        OmegaConf.update(out, key, val, merge=False)
+    return out
+
+
+def plan(cfg: DictConfig, runtime_bytes: int | None = None) -> list[dict[str, Any]]:
+    """One row per saver in ``cfg.savers``: predicted bytes and whether they fit GPU / CPU memory."""
+    validate(cfg)
+    runtime = runtime_rss() if runtime_bytes is None else runtime_bytes
+    rows = []
+    for name in cfg.savers:
+        if name not in SAVERS:
+            raise ConfigError(f"unknown saver {name!r}; choose from {sorted(SAVERS)}")
+        changes = SAVERS[name]
+        c = _with(cfg, changes)
+        bf16 = "bf16" in str(c.trainer.precision)
+        trace = trace_step(c)
+        total = trace["total"]
+        if bf16:
+            half = trace_step(c, half_precision=True)
+            total = trace["state"] + half["act"]
+        gpu = total * (1 + float(cfg.gpu_overhead_fraction)) + float(cfg.gpu_context_gb) * GB
+        cpu = None if bf16 else runtime + FIT_OVERHEAD + total + trace["pool"]
+        rows.append({
+            "saver": name, "changes": changes, "state_gb": trace["state"] / GB, "tensor_peak_gb": total / GB,
+            "gpu_gb": gpu / GB, "fits_gpu": gpu <= float(cfg.gpu_memory_gb) * GB,
+            "cpu_rss_gb": None if cpu is None else cpu / GB,
+            "fits_cpu": None if cpu is None else cpu <= float(cfg.cpu_memory_gb) * GB,
+            "tflop_per_step": trace["flops"] / 1e12,
+        })
+    return rows
+
+
+def format_table(cfg: DictConfig, rows: list[dict[str, Any]]) -> str:
+    gen = cfg.generator._target_.rsplit(".", 1)[-1]
+    lines = [
+        f"mr2ct plan: {gen} {dict((k, v) for k, v in cfg.generator.items() if k in ('channels', 'ngf', 'n_blocks'))}, "
+        f"patch {list(cfg.data.patch_size)}, batch {cfg.data.batch_size} per device, "
+        f"losses {sorted(cfg.loss.keys())}",
+        f"{'saver':<17}{'TFLOP/step':>11}{'state GB':>9}{'tensors GB':>11}{'GPU GB':>8}"
+        f"{'fits ' + str(cfg.gpu_memory_gb) + ' GB':>12}{'CPU RSS GB':>11}{'fits ' + str(cfg.cpu_memory_gb) + ' GB':>12}",
+    ]
+    yes = {True: "yes", False: "no", None: "-"}
+    for r in rows:
+        cpu = "-" if r["cpu_rss_gb"] is None else f"{r['cpu_rss_gb']:.2f}"
+        lines.append(
+            f"{r['saver']:<17}{r['tflop_per_step']:>11.2f}{r['state_gb']:>9.2f}{r['tensor_peak_gb']:>11.2f}"
+            f"{r['gpu_gb']:>8.2f}{yes[r['fits_gpu']]:>12}{cpu:>11}{yes[r['fits_cpu']]:>12}"
+        )
+    lines.append("split = model.split_backward=true, ckpt = generator.checkpointing=true, bf16 = trainer.precision=bf16-mixed (GPU)")
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="plan")
+def main(cfg: DictConfig) -> None:
+    try:
+        rows = plan(cfg)
+    except ConfigError as err:
+        print(f"mr2ct: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(format_table(cfg, rows))
+    if cfg.get("json"):
+        with open(cfg.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    set_project_root()
+    main()

@@ -1,0 +1,204 @@
+"""Bad input gets one clear line naming what is wrong, a non-zero exit, no traceback, nothing written.
+
+Table-driven: each case builds its input in a temporary folder and runs the real Hydra entry point
+(in-process for speed; three cases also as real subprocesses to prove there is no traceback wall).
+"""
+
+from __future__ import annotations
+
+import gzip
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+
+from conftest import TINY_GENERATOR, compose_train_cfg, run_cli, tiny
+
+GEN = TINY_GENERATOR["unet"]
+SHAPE = (24, 24, 32)
+
+
+def nifti(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(array, dtype=np.float32), np.eye(4)), str(path))
+    return path
+
+
+def ct(shape=SHAPE) -> np.ndarray:
+    vol = np.full(shape, -1000.0, dtype=np.float32)
+    vol[4:-4, 4:-4, :] = 40.0
+    return vol
+
+
+def data_dirs(tmp: Path) -> tuple[Path, Path]:
+    """Good MRI and CT folders (two volumes each); a case drops its bad file into one of them."""
+    mri, cts = tmp / "mri", tmp / "ct"
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        nifti(mri / f"s{i}.nii.gz", rng.random(SHAPE) * 500)
+        nifti(cts / f"s{i}.nii.gz", ct())
+    return mri, cts
+
+
+def train_args(tmp: Path) -> list[str]:
+    mri, cts = data_dirs(tmp)
+    return [
+        "data=nifti", f"data.train_a={mri}", f"data.train_b={cts}", "data.patch_size=[16,16,16]", "data.batch_size=1",
+        "data.num_workers=0", "discriminator.ndf=4", "discriminator.n_layers=2", "model.n_epochs=1", "model.n_epochs_decay=0",
+        *GEN, f"hydra.run.dir={tmp / 'run'}",
+    ]
+
+
+def truncated(path: Path) -> None:
+    nifti(path, np.random.default_rng(1).random(SHAPE) * 500)
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+
+
+def small_checkpoint(tmp: Path, channels: str = "[4,8,16]") -> Path:
+    """A checkpoint as train writes it (weights + mr2ct_config), built without training."""
+    cfg = compose_train_cfg([*tiny(), f"generator.channels={channels}"], tmp / "ckrun")
+    model = instantiate(cfg.model, _convert_="partial")
+    from omegaconf import OmegaConf
+
+    run_config = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("generator", "data", "model")}
+    path = tmp / "model.ckpt"
+    torch.save({"state_dict": model.state_dict(), "mr2ct_config": run_config, "epoch": 0, "global_step": 0}, path)
+    GlobalHydra.instance().clear()
+    return path
+
+
+class Evil:
+    """Unpickling this writes a marker file: what a malicious checkpoint could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "pwned"))
+
+
+def malicious_checkpoint(tmp: Path) -> Path:
+    path = tmp / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": Evil(tmp / "PWNED")}, path)
+    return path
+
+
+def run_main(module: str, args: list[str], capsys) -> tuple[int, str]:
+    """Call the Hydra entry point ``mr2ct.<module>.main`` in-process like the CLI does; (exit code, stderr)."""
+    import importlib
+
+    main = importlib.import_module(f"mr2ct.{module}").main
+    GlobalHydra.instance().clear()
+    old = sys.argv
+    sys.argv = [f"{module}.py", *args]
+    code = 0
+    try:
+        main()
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = old
+        GlobalHydra.instance().clear()
+    return code, capsys.readouterr().err
+
+
+def case_train(setup: Callable[[Path, list[str]], list[str]]):
+    return lambda tmp: ("train", setup(tmp, train_args(tmp)))
+
+
+CASES = {
+    "missing data folder": (case_train(lambda t, a: [*a, f"data.train_a={t / 'nope'}"]), "data folder does not exist"),
+    "empty data folder": (case_train(lambda t, a: [*a, f"data.train_a={(t / 'empty').mkdir() or t / 'empty'}"]), "no .nii/.nii.gz files in data folder"),
+    "not NIfTI": (case_train(lambda t, a: (t / "mri" / "notes.nii.gz").write_text("hello") and a), "notes.nii.gz: not a readable NIfTI file"),
+    "truncated NIfTI": (case_train(lambda t, a: truncated(t / "mri" / "cut.nii.gz") or a), "cut.nii.gz: not a readable NIfTI file"),
+    "2D image": (case_train(lambda t, a: nifti(t / "mri" / "flat.nii.gz", np.ones((24, 24))) and a), "flat.nii.gz: expected a 3-D volume, got shape [24, 24] (2-D)"),
+    "4D image": (case_train(lambda t, a: nifti(t / "ct" / "series.nii.gz", np.ones((*SHAPE, 3))) and a), "series.nii.gz: expected a 3-D volume, got shape [24, 24, 32, 3] (4-D)"),
+    "NaN voxels": (case_train(lambda t, a: nifti(t / "ct" / "nan.nii.gz", np.where(np.arange(24 * 24 * 32).reshape(SHAPE) == 7, np.nan, ct())) and a), "nan.nii.gz: 1 voxels are NaN or infinite"),
+    "Inf voxels": (case_train(lambda t, a: nifti(t / "mri" / "inf.nii.gz", np.full(SHAPE, np.inf)) and a), "inf.nii.gz: 18432 voxels are NaN or infinite"),
+    "smaller than patch": (case_train(lambda t, a: nifti(t / "mri" / "tiny.nii.gz", np.ones((24, 3, 32))) and a), "tiny.nii.gz: volume [24, 3, 32] is too small for patch [16, 16, 16]"),
+    "size-1 axis": (case_train(lambda t, a: nifti(t / "mri" / "slab.nii.gz", np.ones((24, 24, 1))) and a), "slab.nii.gz: degenerate volume of shape [24, 24, 1]"),
+    "patch not divisible by stride": (case_train(lambda t, a: [*a, "data.patch_size=[18,16,16]"]), "must be divisible by the generator's total stride 4"),
+    "negative loss weight": (case_train(lambda t, a: [*a, "loss.cycle.weight=-1"]), "loss.cycle.weight must be >= 0"),
+    "resume checkpoint missing": (case_train(lambda t, a: [*a, f"ckpt_path={t / 'none.ckpt'}"]), "checkpoint not found"),
+    "resume checkpoint corrupt": (case_train(lambda t, a: (t / "bad.ckpt").write_bytes(b"\x00" * 100) and [*a, f"ckpt_path={t / 'bad.ckpt'}"]), "bad.ckpt is corrupt or truncated"),
+    "resume checkpoint of another architecture": (
+        case_train(lambda t, a: [*a, f"ckpt_path={small_checkpoint(t, '[8,8,16]')}"]),
+        "model.ckpt belongs to another model architecture: g_ab.",
+    ),
+    "resume malicious checkpoint": (case_train(lambda t, a: [*a, f"ckpt_path={malicious_checkpoint(t)}"]), "refusing to load checkpoint"),
+    "translate checkpoint missing": (
+        lambda t: ("translate", [f"ckpt={t / 'none.ckpt'}", f"input={nifti(t / 'in.nii.gz', np.ones(SHAPE))}", f"output={t / 'out.nii.gz'}", f"hydra.run.dir={t / 'run'}"]),
+        "checkpoint not found",
+    ),
+    "translate corrupt checkpoint": (
+        lambda t: ((t / "bad.ckpt").write_bytes(b"PK\x03\x04junk") and "translate", [f"ckpt={t / 'bad.ckpt'}", f"input={nifti(t / 'in.nii.gz', np.ones(SHAPE))}", f"output={t / 'out.nii.gz'}", f"hydra.run.dir={t / 'run'}"]),
+        "bad.ckpt is corrupt or truncated",
+    ),
+    "translate malicious checkpoint": (
+        lambda t: ("translate", [f"ckpt={malicious_checkpoint(t)}", f"input={nifti(t / 'in.nii.gz', np.ones(SHAPE))}", f"output={t / 'out.nii.gz'}", f"hydra.run.dir={t / 'run'}"]),
+        "refusing to load checkpoint",
+    ),
+    "translate output exists": (
+        lambda t: ("translate", [f"ckpt={small_checkpoint(t)}", f"input={nifti(t / 'in.nii.gz', np.ones(SHAPE))}", f"output={nifti(t / 'out.nii.gz', np.zeros(SHAPE))}", f"hydra.run.dir={t / 'run'}"]),
+        "output exists",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_one_line_error(name, tmp_path, capsys):
+    build, expected = CASES[name]
+    module, args = build(tmp_path)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    code, err = run_main(module, args, capsys)
+    assert code == 2, (code, err[-2000:])
+    lines = [ln for ln in err.splitlines() if ln.startswith("mr2ct: error:")]
+    assert len(lines) == 1 and expected in lines[0], err[-2000:]
+    assert "Traceback" not in err
+    assert not (tmp_path / "PWNED").exists()  # the malicious pickle never ran
+    if module == "train":  # translate's Hydra log folder may stay; its outputs are checked below
+        assert not (tmp_path / "run").exists(), "a failed start left a run folder behind"
+    assert not (tmp_path / "out.nii.gz").exists() or "output exists" in name
+    after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file() and not {"ckrun", "run"} & set(p.parts)}
+    assert after == {p: t for p, t in before.items() if not {"ckrun", "run"} & set(p.parts)}  # nothing written or overwritten
+
+
+def test_ct_not_in_hounsfield_units_warns(tmp_path):
+    from mr2ct.data.checks import CheckVolumed, SafeLoadImaged
+
+    path = nifti(tmp_path / "ct01.nii.gz", np.random.default_rng(0).random(SHAPE))  # values in [0, 1]
+    load = SafeLoadImaged(["b"], image_only=True, ensure_channel_first=True)
+    with pytest.warns(UserWarning, match=r"ct01.nii.gz: CT values range \[.*\]: not Hounsfield units"):
+        CheckVolumed(["b"], (16, 16, 16))(load({"b": str(path)}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CheckVolumed(["b"], (16, 16, 16))(load({"b": str(nifti(tmp_path / "ok.nii.gz", ct()))}))
+
+
+def test_cli_errors_have_no_traceback(tmp_path):
+    """The real processes: a corrupt data file, a malicious checkpoint."""
+    args = train_args(tmp_path)
+    truncated(tmp_path / "mri" / "cut.nii.gz")
+    res = run_cli(["mr2ct.train", *args])
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines()[-1].startswith("mr2ct: error: ") and "cut.nii.gz" in res.stderr
+    assert not (tmp_path / "run").exists()
+
+    res = run_cli(["mr2ct.translate", f"ckpt={malicious_checkpoint(tmp_path)}", f"input={tmp_path / 'mri' / 's0.nii.gz'}",
+                   f"output={tmp_path / 'o.nii.gz'}", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "refusing to load checkpoint" in res.stderr, res.stderr[-3000:]
+    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "o.nii.gz").exists()
+
+
+def test_unknown_config_option_gets_hydras_message(tmp_path, capsys):
+    code, err = run_main("train", [*train_args(tmp_path), "data.no_such_option=1"], capsys)
+    assert code == 1 and "Could not override 'data.no_such_option'" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,81 @@
+"""Numerical guards: NaN/Inf losses or gradients are skipped, counted, and stop a run when they persist."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny
+from mr2ct.guards import NonFiniteError, NonFiniteGuard, safe_torch_load
+from mr2ct.model import CycleGAN
+from mr2ct.train import train
+
+
+def inject_nan(monkeypatch, when):
+    """Make the generator's ``cycle_a`` term NaN on the batches where ``when(module)`` is true."""
+    original = CycleGAN.generator_losses
+
+    def patched(self, *args, **kwargs):
+        terms, fake_a, fake_b = original(self, *args, **kwargs)
+        if "cycle_a" in terms and when(self):
+            terms["cycle_a"] = terms["cycle_a"] * float("nan")
+        return terms, fake_a, fake_b
+
+    monkeypatch.setattr(CycleGAN, "generator_losses", patched)
+
+
+def all_finite(state_dict) -> bool:
+    return all(torch.isfinite(v).all() for v in state_dict.values() if v.is_floating_point())
+
+
+def test_persistent_nan_stops_training_and_keeps_last_good_checkpoint(train_cfg, tmp_path, monkeypatch):
+    inject_nan(monkeypatch, lambda m: m.current_epoch >= 1)
+    cfg = train_cfg([*tiny(), "data.n_train=4", "model.n_epochs=2", "callbacks.nonfinite_guard.max_consecutive=3"])
+    with pytest.raises(NonFiniteError) as err:
+        train(cfg)
+    msg = str(err.value)
+    # epoch 0: 4 batches x 2 optimizer steps; the third bad batch of epoch 1 stops the run
+    assert "loss term g_cycle_a" in msg and "at step 8" in msg and "3 bad batches in a row" in msg, msg
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert f"last good checkpoint: {last}" in msg
+    ckpt = safe_torch_load(last)
+    assert ckpt["global_step"] == 8 and all_finite(ckpt["state_dict"])
+
+
+def test_isolated_nan_batch_is_skipped_and_training_continues(train_cfg, tmp_path, monkeypatch):
+    calls = {"n": 0}
+
+    def second_batch(module):
+        calls["n"] += 1
+        return calls["n"] == 2
+
+    inject_nan(monkeypatch, second_batch)
+    metrics = train(train_cfg([*tiny(), "data.n_train=4"]))
+    ckpt = safe_torch_load(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == (4 - 1) * 2  # the bad batch made no optimizer step
+    assert all_finite(ckpt["state_dict"])
+    assert metrics["guard/skipped"] == 1
+
+
+def test_nonfinite_gradient_with_finite_loss_is_named():
+    net = nn.Linear(2, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    guard = NonFiniteGuard(max_consecutive=2)
+    guard._names = {id(p): f"g_ab.{n}" for n, p in net.named_parameters()}
+
+    class Trainer:  # what ok() reads of a pl.Trainer
+        global_step, current_epoch = 5, 0
+
+        class fit_loop:
+            class epoch_loop:
+                batch_idx = 1
+
+    loss = net(torch.ones(1, 2)).sum()
+    loss.backward()
+    assert guard.ok(Trainer, {"cycle_a": loss}, opt)
+    net.bias.grad[0] = float("inf")
+    assert not guard.ok(Trainer, {"cycle_a": loss}, opt)
+    assert guard._bad_in_batch == "gradient of g_ab.bias (losses finite)" and guard.skipped == 1
+    with pytest.raises(ValueError):
+        NonFiniteGuard(max_consecutive=0)

@@ -1,0 +1,153 @@
+"""Runs that survive a kill: SIGKILL/SIGTERM mid-epoch, resume in the same run folder, extended schedules."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import run_cli, tiny
+from mr2ct.config import PROJECT_ROOT
+from mr2ct.guards import atomic_torch_save, resume_argv, safe_torch_load
+from mr2ct.train import train
+
+N_TRAIN = 10  # batches per epoch (batch size 1)
+EPOCHS = 2
+# checkpoints every 2 optimizer steps (= every batch) make a kill land next to (or inside) a save
+RUN = [
+    *tiny(),
+    f"data.n_train={N_TRAIN}",
+    "model.n_epochs=1",
+    f"model.n_epochs_decay={EPOCHS - 1}",
+    "+callbacks.model_checkpoint.every_n_train_steps=2",
+    "data.augment.rotation_prob=0",
+]
+EXPECTED_STEPS = N_TRAIN * EPOCHS * 2  # two optimizer steps per batch
+LONG_N_TRAIN = 200
+
+
+def start(run_dir: Path, extra: list[str] = ()) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "mr2ct.train", *RUN, f"hydra.run.dir={run_dir}", *extra],
+        cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def wait_for_step(proc: subprocess.Popen, ckpt: Path, min_step: int, timeout: float = 120) -> None:
+    """Block until ``ckpt`` exists with global_step >= min_step (the training is then mid-epoch)."""
+    end = time.time() + timeout
+    while time.time() < end:
+        assert proc.poll() is None, proc.stdout.read()
+        if ckpt.is_file():
+            try:
+                if safe_torch_load(ckpt)["global_step"] >= min_step:
+                    return
+            except Exception:  # being replaced right now
+                pass
+        time.sleep(0.05)
+    raise TimeoutError(f"no checkpoint with step >= {min_step}")
+
+
+def assert_all_checkpoints_readable(run_dir: Path) -> None:
+    files = sorted((run_dir / "checkpoints").glob("*.ckpt"))
+    assert files
+    for f in files:
+        ckpt = safe_torch_load(f)  # raises on a truncated file
+        assert "state_dict" in ckpt and "optimizer_states" in ckpt
+
+
+def final_step(run_dir: Path) -> int:
+    return int(safe_torch_load(run_dir / "checkpoints" / "last.ckpt")["global_step"])
+
+
+def test_sigkill_mid_epoch_then_resume_completes(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(run_dir)
+    wait_for_step(proc, run_dir / "checkpoints" / "last.ckpt", min_step=6)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert_all_checkpoints_readable(run_dir)
+    killed_at = final_step(run_dir)
+    assert 6 <= killed_at < EXPECTED_STEPS
+
+    # ckpt_path=<run dir> resumes <run dir>/checkpoints/last.ckpt and writes into that same folder
+    res = run_cli(["mr2ct.train", *RUN, f"ckpt_path={run_dir}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"run folder:   {run_dir}" in res.stdout
+    assert_all_checkpoints_readable(run_dir)
+    ckpt = safe_torch_load(run_dir / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == EXPECTED_STEPS
+    assert "rng_states" in ckpt and "image_pools" in ckpt
+    # one TensorBoard log, continued: the resumed steps follow the killed ones
+    acc = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    steps = sorted({e.step for e in acc.Scalars("train/loss_g")})
+    assert steps[-1] >= N_TRAIN * EPOCHS - 2
+    assert (run_dir / "run_info.json").is_file() and list(run_dir.glob("run_info.resume*.json"))
+    assert list((run_dir / ".hydra").glob("resume-*/config.yaml"))  # the original .hydra/config.yaml is kept
+
+
+def test_sigterm_saves_checkpoint_and_exits(tmp_path):
+    run_dir = tmp_path / "run"
+    # an epoch far longer than signal delivery takes, so the signal lands mid-epoch however fast the machine
+    long_epoch = [f"data.n_train={LONG_N_TRAIN}"]
+    proc = start(run_dir, long_epoch)
+    wait_for_step(proc, run_dir / "checkpoints" / "last.ckpt", min_step=4)  # training is under way
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, out[-3000:]
+    assert "SIGTERM received: checkpoint saved" in out and "resume with" in out
+    stopped_at = safe_torch_load(run_dir / "checkpoints" / "last.ckpt")["global_step"]
+    assert 4 <= stopped_at < LONG_N_TRAIN * EPOCHS * 2 and stopped_at % 2 == 0  # a whole batch, not half
+
+    # resume for two more batches: it continues from the saved step, in the same folder
+    res = run_cli(["mr2ct.train", *RUN, *long_epoch, f"trainer.max_steps={stopped_at + 4}", f"ckpt_path={run_dir}/checkpoints/last.ckpt"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert final_step(run_dir) == stopped_at + 4
+
+
+def test_extending_a_finished_run_recomputes_the_schedule(train_cfg, tmp_path):
+    base = [*tiny(), "trainer.limit_train_batches=1"]
+    train(train_cfg([*base, "model.n_epochs=1", "model.n_epochs_decay=0"]))  # finished: 1 epoch
+    metrics = train(train_cfg([*base, "model.n_epochs=1", "model.n_epochs_decay=2", "ckpt_path=last"]))
+    ckpt = safe_torch_load(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert ckpt["epoch"] == 2 and ckpt["global_step"] == 3 * 2
+    # epochs 1 and 2 of the new 1 + 2 schedule run at 2/3 and 1/3 of the base LR
+    assert metrics["lr/g"] == pytest.approx(2e-4 / 3)
+    assert ckpt["optimizer_states"][0]["state"], "Adam moments were saved"
+
+
+def test_atomic_save_never_leaves_a_partial_file(tmp_path, monkeypatch):
+    path = tmp_path / "x.ckpt"
+    atomic_torch_save({"w": torch.ones(3)}, path)
+
+    def exploding_save(obj, f, *a, **k):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", exploding_save)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_torch_save({"w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(safe_torch_load(path)["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["x.ckpt"]
+
+
+def test_resume_argv_points_hydra_at_the_run_folder(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    out = resume_argv(["train.py", "a=1", f"ckpt_path={run}"])
+    assert f"ckpt_path={run.resolve() / 'checkpoints' / 'last.ckpt'}" in out and f"hydra.run.dir={run.resolve()}" in out
+    out = resume_argv(["train.py", f"ckpt_path={run}/checkpoints/last.ckpt"])
+    assert f"hydra.run.dir={run.resolve()}" in out
+    assert resume_argv(["train.py", "ckpt_path=last"]) == ["train.py", "ckpt_path=last"]
+    assert resume_argv(["train.py", f"ckpt_path={run}", "hydra.run.dir=/x"]) == ["train.py", f"ckpt_path={run}", "hydra.run.dir=/x"]

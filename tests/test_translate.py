@@ -1,0 +1,101 @@
+"""Whole-volume translation: shape/affine/orientation round trip, HU output, refusal to overwrite, the CLI."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from conftest import compose_train_cfg, run_cli, tiny
+from mr2ct.config import CONFIG_DIR
+from mr2ct.data.phantom import make_phantom
+from mr2ct.io import load_generator
+from mr2ct.translate import Preprocessing, run, translate_array
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A checkpoint laid out as training writes it (untrained weights: this tests plumbing, not quality)."""
+    root = tmp_path_factory.mktemp("ckpt")
+    cfg = compose_train_cfg(tiny(), root / "run")
+    torch.manual_seed(0)
+    model = instantiate(cfg.model, _convert_="partial")
+    run_config = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in cfg if k != "hydra"}
+    path = root / "last.ckpt"
+    torch.save({"state_dict": model.state_dict(), "mr2ct_config": run_config}, path)
+    GlobalHydra.instance().clear()
+    return path
+
+
+@pytest.fixture(scope="module")
+def mri():
+    return make_phantom((24, 20, 28), (6.0, 6.0, 6.0), seed=5).mri
+
+
+def test_load_generator_rebuilds_weights(ckpt):
+    g_ab, cfg = load_generator(ckpt, "a2b")
+    g_ba, _ = load_generator(ckpt, "b2a")
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert torch.equal(next(iter(g_ab.state_dict().values())), state[f"g_ab.{next(iter(g_ab.state_dict()))}"])
+    assert not torch.equal(next(iter(g_ab.parameters())), next(iter(g_ba.parameters())))
+    assert cfg["data"]["patch_size"] == [16, 16, 16] and not g_ab.training
+
+
+def test_output_keeps_shape_affine_and_input_orientation(ckpt, mri):
+    gen, run_config = load_generator(ckpt)
+    prep = Preprocessing.from_run_config(run_config)
+    ras = np.diag([6.0, 6.0, 6.0, 1.0])
+    out_ras = translate_array(gen, mri, ras, prep, [16, 16, 16])
+    assert out_ras.shape == mri.shape and out_ras.dtype == np.float32
+    assert -1024.0 <= out_ras.min() and out_ras.max() <= 3000.0 and out_ras.std() > 0  # HU
+    # the same anatomy stored as (Z, Y, X) with X and Y flipped: LPI-like voxel order
+    odd = np.ascontiguousarray(np.transpose(mri[::-1, ::-1, :], (2, 1, 0)))
+    odd_affine = np.array([[0, 0, -6.0, 138.0], [0, -6.0, 0, 114.0], [6.0, 0, 0, 0], [0, 0, 0, 1]])
+    out_odd = translate_array(gen, odd, odd_affine, prep, [16, 16, 16])
+    assert out_odd.shape == odd.shape
+    # the network saw the same RAS volume both times; the result comes back in the input's voxel order
+    np.testing.assert_allclose(np.transpose(out_odd, (2, 1, 0))[::-1, ::-1, :], out_ras, atol=1e-3)
+
+
+def test_resampling_runs_are_inverted_to_the_input_grid(ckpt, mri):
+    gen, run_config = load_generator(ckpt)
+    prep = Preprocessing.from_run_config(run_config, spacing=[9.0, 9.0, 9.0])
+    out = translate_array(gen, mri, np.diag([6.0, 6.0, 6.0, 1.0]), prep, [16, 16, 16])
+    assert out.shape == mri.shape and np.isfinite(out).all()
+
+
+def _cfg(overrides):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("translate", overrides=overrides)
+
+
+def test_cli_writes_sct_and_bone_and_never_overwrites(ckpt, mri, tmp_path):
+    affine = np.array([[-6.0, 0, 0, 70], [0, 0, 6.0, -40], [0, -6.0, 0, 25], [0, 0, 0, 1]])  # not RAS
+    (tmp_path / "in").mkdir()
+    src = tmp_path / "in" / "case1.nii.gz"
+    nib.save(nib.Nifti1Image(mri, affine), src)
+    out_dir = tmp_path / "out"
+    res = run_cli(["mr2ct.translate", f"ckpt={ckpt}", f"input={tmp_path / 'in'}", f"output={out_dir}", "segment=true", "progress=false", f"hydra.run.dir={tmp_path / 'h'}"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    sct, bone = nib.load(out_dir / "case1.nii.gz"), nib.load(out_dir / "case1_bone.nii.gz")
+    assert np.array_equal(sct.affine, nib.load(src).affine) and np.array_equal(bone.affine, sct.affine)
+    assert sct.shape == mri.shape and sct.get_data_dtype() == np.int16 and bone.get_data_dtype() == np.uint8
+    data = np.asarray(sct.dataobj)
+    assert -1024 <= data.min() and data.max() <= 3000
+
+    stamp = (out_dir / "case1.nii.gz").stat().st_mtime_ns
+    with pytest.raises(FileExistsError, match="overwrite=true"):
+        run(_cfg([f"ckpt={ckpt}", f"input={src}", f"output={out_dir / 'case1.nii.gz'}", "progress=false"]))
+    assert (out_dir / "case1.nii.gz").stat().st_mtime_ns == stamp
+    run(_cfg([f"ckpt={ckpt}", f"input={src}", f"output={out_dir / 'case1.nii.gz'}", "progress=false", "overwrite=true", "dtype=float32"]))
+    assert nib.load(out_dir / "case1.nii.gz").get_data_dtype() == np.float32
+    GlobalHydra.instance().clear()
+
+    bad = run_cli(["mr2ct.translate", f"ckpt={tmp_path / 'missing.ckpt'}", f"input={src}", f"output={tmp_path / 'x.nii.gz'}", f"hydra.run.dir={tmp_path / 'h2'}"])
+    assert bad.returncode == 2 and "mr2ct: error: checkpoint not found" in bad.stderr and "Traceback" not in bad.stderr
