@@ -6,7 +6,6 @@ Table-driven: each case builds its input in a temporary folder and runs the real
 
 from __future__ import annotations
 
-import gzip
 import sys
 import warnings
 from collections.abc import Callable

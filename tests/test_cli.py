@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import TINY, TINY_GENERATOR, run_cli, tiny
+from conftest import run_cli, tiny
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -98,3 +102,17 @@ def validate(cfg: DictConfig) -> None:
     guard = (cfg.get("callbacks") or {}).get("nonfinite_guard")
     if guard is not None and int(guard.get("max_consecutive", 1)) < 1:
         raise ConfigError(f"callbacks.nonfinite_guard.max_consecutive must be >= 1, got {guard.max_consecutive}")
+
+
+@contextmanager
+def exit_on_user_error(*errors: type[BaseException]) -> Iterator[None]:
+    """Entry points: a user error (bad path, bad option, bad file) becomes one line on stderr, exit 2.
+
+    Anything else is a bug and keeps its traceback.
+    """
+    try:
+        yield
+    except errors as err:
+        logging.getLogger("mr2ct").error(str(err))
+        print(f"mr2ct: error: {err}", file=sys.stderr)
+        sys.exit(2)

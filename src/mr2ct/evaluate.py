@@ -19,7 +19,6 @@ import csv
 import json
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mr2ct.config import CONFIG_DIR, set_project_root
+from mr2ct.config import CONFIG_DIR, exit_on_user_error, set_project_root
 from mr2ct.data.transforms import unit_to_hu
 from mr2ct.inference import translate_volume
 from mr2ct.io import load_generator, write_nifti
@@ -151,12 +150,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_user_error(FileNotFoundError, ValueError):
         evaluate(cfg)
-    except (FileNotFoundError, ValueError) as err:
-        log.error(str(err))
-        print(f"mr2ct: error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import pickle
-import sys
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from mr2ct.config import CONFIG_DIR, InputError, set_project_root
+from mr2ct.config import CONFIG_DIR, InputError, exit_on_user_error, set_project_root
 
 log = logging.getLogger("mr2ct.export")
 
@@ -224,12 +223,8 @@ def load_exported(path: str | Path, direction: str = "a2b", map_location: str | 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_user_error(InputError, FileNotFoundError, FileExistsError):
         out, meta = export(cfg.ckpt, cfg.output, overwrite=bool(cfg.overwrite))
-    except (InputError, FileNotFoundError, FileExistsError) as err:
-        log.error(str(err))
-        print(f"mr2ct: error: {err}", file=sys.stderr)
-        sys.exit(2)
     print(f"mr2ct: exported generators to {out} (config: {meta})")
 
 

@@ -33,6 +33,17 @@ def nifti_stem(path: str | Path) -> str:
     return name
 
 
+def list_nifti(folder: str | Path) -> list[Path]:
+    """The NIfTI files of ``folder``, sorted; a clear error for a missing or empty folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"data folder does not exist: {folder}")
+    files = sorted(p for p in folder.iterdir() if p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith("."))
+    if not files:
+        raise FileNotFoundError(f"no .nii/.nii.gz files in data folder: {folder}")
+    return files
+
+
 def read_nifti(path: str | Path) -> tuple[np.ndarray, nib.Nifti1Image]:
     """A 3-D NIfTI volume as float32 (X, Y, Z) in voxel order, and the image (affine, header).
 

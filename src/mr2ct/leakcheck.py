@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from mr2ct.config import CONFIG_DIR, ConfigError, set_project_root
+from mr2ct.config import CONFIG_DIR, ConfigError, exit_on_user_error, set_project_root
 from mr2ct.data.augment import list_nifti, load_volume
 
 log = logging.getLogger("mr2ct.leakcheck")
@@ -258,13 +258,10 @@ def format_leaks(leaks: Sequence[Leak]) -> str:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="leakcheck")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_user_error(FileNotFoundError, ValueError):
         if not cfg.get("train") or not cfg.get("test"):
             raise FileNotFoundError("leakcheck needs train=DIR and test=DIR (folders of .nii/.nii.gz)")
         leaks = check([(list_nifti(cfg.train), list_nifti(cfg.test))], settings_from(cfg))
-    except (FileNotFoundError, ValueError) as err:
-        print(f"mr2ct: error: {err}", file=sys.stderr)
-        sys.exit(2)
     if leaks:
         print(format_leaks(leaks), flush=True)
         sys.exit(1)

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from mr2ct.config import CONFIG_DIR, ConfigError, set_project_root, validate
+from mr2ct.config import CONFIG_DIR, ConfigError, exit_on_user_error, set_project_root, validate
 from mr2ct.profiling import FIT_OVERHEAD, GB, runtime_rss, trace_step
 
 log = logging.getLogger("mr2ct.plan")
@@ -97,11 +96,8 @@ def format_table(cfg: DictConfig, rows: list[dict[str, Any]]) -> str:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="plan")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_user_error(ConfigError):
         rows = plan(cfg)
-    except ConfigError as err:
-        print(f"mr2ct: error: {err}", file=sys.stderr)
-        sys.exit(2)
     print(format_table(cfg, rows))
     if cfg.get("json"):
         with open(cfg.json, "w") as f:

@@ -21,7 +21,6 @@ exact dynamic programming over bin boundaries, which maximises the between-class
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ import numpy as np
 from omegaconf import DictConfig
 from scipy import ndimage
 
-from mr2ct.config import CONFIG_DIR, set_project_root
+from mr2ct.config import CONFIG_DIR, exit_on_user_error, set_project_root
 
 log = logging.getLogger("mr2ct.segment")
 
@@ -196,12 +195,8 @@ def run(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="segment")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_user_error(FileNotFoundError, FileExistsError, ValueError):
         run(cfg)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        log.error(str(err))
-        print(f"mr2ct: error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

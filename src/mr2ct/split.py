@@ -21,8 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from mr2ct.config import CONFIG_DIR, set_project_root
+from mr2ct.config import CONFIG_DIR, exit_on_user_error, set_project_root
 from mr2ct.data.augment import MANIFEST, SUBJECT_PATTERN, list_nifti, nifti_stem, read_manifest, read_split, subject_id  # noqa: F401
 
 log = logging.getLogger("mr2ct.split")
@@ -156,15 +154,12 @@ def write_split(split: dict[str, Any], path: str | Path) -> Path:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="split")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_user_error(FileNotFoundError, ValueError):
         split = make_split(
             cfg["in"], cfg.a, cfg.b, cfg.get("bone"), cfg.get("manifest"), cfg.pattern,
             float(cfg.test_fraction), float(cfg.val_fraction), int(cfg.seed),
         )
         out = write_split(split, cfg.out or Path(cfg["in"]) / "split.json")
-    except (FileNotFoundError, ValueError) as err:
-        print(f"mr2ct: error: {err}", file=sys.stderr)
-        sys.exit(2)
     s = split["subjects"]
     print(
         f"mr2ct split: {len(s['train'])} train / {len(s['val'])} val / {len(s['test'])} test subjects; "

@@ -17,7 +17,6 @@ stitched on the CPU.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from monai.transforms import Compose, Orientation, ScaleIntensityRangePercentile
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from mr2ct.config import CONFIG_DIR, set_project_root
+from mr2ct.config import CONFIG_DIR, exit_on_user_error, set_project_root
 from mr2ct.data.transforms import hu_to_unit, unit_to_hu
 from mr2ct.inference import translate_volume
 from mr2ct.io import is_nifti, load_generator, nifti_stem, read_nifti, write_nifti
@@ -187,12 +186,8 @@ def run(cfg: DictConfig) -> list[Path]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="translate")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_user_error(FileNotFoundError, FileExistsError, ValueError):
         run(cfg)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        log.error(str(err))
-        print(f"mr2ct: error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

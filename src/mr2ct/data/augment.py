@@ -39,9 +39,8 @@ import numpy as np
 import torch
 
 from mr2ct.data.transforms import RandGaussianRotated, RandRecipeNoised
-from mr2ct.io import nifti_stem
+from mr2ct.io import list_nifti, nifti_stem  # noqa: F401  (re-exported for scripts)
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 MANIFEST = "manifest.csv"
 MANIFEST_FIELDS = ("file", "subject", "source", "augmentation", "params", "sha256")
 #: 1st-percentile intensity below which a volume is taken for a CT in HU (air is -1000 HU, MRI >= 0)
@@ -56,17 +55,6 @@ def subject_id(stem: str, pattern: str = SUBJECT_PATTERN) -> str:
     """Source-subject id of a file stem: the first group of ``pattern`` (the stem itself when it does not match)."""
     m = re.match(pattern, stem)
     return m.group(1) if m and m.groups() else stem
-
-
-def list_nifti(folder: str | Path) -> list[Path]:
-    """The NIfTI files of ``folder``, sorted; a clear error for a missing or empty folder."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"data folder does not exist: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith("."))
-    if not files:
-        raise FileNotFoundError(f"no .nii/.nii.gz files in data folder: {folder}")
-    return files
 
 
 def sha256_file(path: str | Path) -> str:

@@ -31,8 +31,8 @@ from torch.utils.data import DataLoader
 from mr2ct.data.checks import CheckVolumed, SafeLoadImaged
 from mr2ct.data.phantom import make_anatomy, render_ct, render_mri
 from mr2ct.data.transforms import normalize_ct, normalize_mri, patch_transforms
+from mr2ct.io import list_nifti, nifti_stem
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 class UnpairedDataset(torch.utils.data.Dataset):
@@ -243,25 +243,6 @@ class PhantomDataModule(CycleGANDataModule):
 
     def loader(self, keys: Sequence[str]) -> list[Callable]:
         return [PhantomLoadd(list(keys), self.shape, self.spacing)]
-
-
-def nifti_stem(path: str | Path) -> str:
-    name = Path(path).name
-    for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def list_nifti(folder: str | Path) -> list[Path]:
-    """The NIfTI files of ``folder``, sorted; a clear error for a missing or empty folder."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"data folder does not exist: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith("."))
-    if not files:
-        raise FileNotFoundError(f"no .nii/.nii.gz files in data folder: {folder}")
-    return files
 
 
 class NiftiDataModule(CycleGANDataModule):

@@ -30,7 +30,6 @@ from torch import Tensor, nn
 
 from mr2ct.data.transforms import unit_to_hu
 from mr2ct.inference import translate_volume
-from mr2ct.metrics import mae_hu
 from mr2ct.model.pool import ImagePool
 from mr2ct.nets import init_weights
 
