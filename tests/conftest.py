@@ -35,6 +35,7 @@ TINY = [
     "callbacks.progress_bar.refresh_rate=0",
     "trainer.enable_model_summary=false",
     "trainer.log_every_n_steps=1",
+    "trainer.check_val_every_n_epoch=1",
 ]
 
 TINY_GENERATOR = {

@@ -84,7 +84,7 @@ def test_original_presets_carry_the_notes_numbers(train_cfg):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["data.patch_size=[30,32,32]"], "divisible by the generator's total stride 8"),
+        (["data.patch_size=[30,32,32]"], "divisible by the generator's total stride 4"),
         (["generator=resnet3d_2blk", "data.patch_size=[34,32,32]"], "divisible by the generator's total stride 4"),
         (["data.patch_size=[32,32]"], "3 positive integers"),
         (["loss.cycle.weight=-1"], "loss.cycle.weight must be >= 0"),

@@ -251,7 +251,18 @@ def current_rss() -> int:
 
 
 def peak_rss() -> int:
-    """Peak resident set size of this process so far, bytes."""
+    """Peak resident set size of this process so far, bytes.
+
+    Linux: VmHWM of /proc/self/status. ``getrusage``'s ru_maxrss survives exec, so a process started
+    from a large parent (a long pytest session) reports the parent's size at fork as its own peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -392,8 +403,12 @@ def measure(job: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
     ``job``: ``{"kind": "train", "overrides": [...], "steps": n}`` or ``{"kind": "translate", "overrides":
     [...], "shape": [X, Y, Z], "roi": [...], "overlap": 0.25, "sw_batch_size": 1, "repeats": 1}``.
     """
+    # A minimal environment: the calling process may carry Lightning's PL_*/rank variables, torch
+    # compile/inductor settings and the like, and a measurement must not depend on what ran before it.
+    keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV", "CUDA_VISIBLE_DEVICES", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+    env = {k: os.environ[k] for k in keep if k in os.environ}
     proc = subprocess.run(
-        [sys.executable, "-m", "mr2ct.profiling", json.dumps(job)], capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "mr2ct.profiling", json.dumps(job)], capture_output=True, text=True, timeout=timeout, env=env,
     )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("MR2CT_RESULT ")]
     if proc.returncode != 0 or not lines:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import subprocess
 import sys
@@ -145,6 +146,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
+#: set when run as ``python -m mr2ct.train``; in-process callers (tests, notebooks) get SystemExit instead
+_OWN_PROCESS = False
+
+
+def _hard_exit(code: int) -> None:
+    """Exit with ``code`` without interpreter finalisation (when this process is ours to end).
+
+    After a failure inside ``Trainer.fit`` a native (torch) worker thread can still be alive, and
+    tearing the interpreter down then aborts the process ("terminate called without an active
+    exception", status 134) after our one-line message; everything worth keeping is flushed first.
+    """
+    if not _OWN_PROCESS:
+        sys.exit(code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -160,9 +180,9 @@ def main(cfg: DictConfig) -> float | None:
         log.error(str(user_err))
         print(f"mr2ct: error: {user_err}", file=sys.stderr)
         if isinstance(user_err, NonFiniteError):
-            sys.exit(3)
+            _hard_exit(3)
         _remove_fresh_run_dir(output_dir)  # a no-op in a run folder that already holds checkpoints
-        sys.exit(2)
+        _hard_exit(2)
     except SIGTERMException:
         print(f"mr2ct: stopped; resume with: python -m mr2ct.train <same overrides> ckpt_path={output_dir}", file=sys.stderr)
         sys.exit(143)
@@ -171,6 +191,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    _OWN_PROCESS = True
     set_project_root()
     sys.argv = resume_argv(sys.argv)  # ckpt_path=<run dir>: continue in that folder
     main()

@@ -110,7 +110,10 @@ class CycleGANDataModule(pl.LightningDataModule):
     # -- datasets ---------------------------------------------------------------------------------
     def _dataset(self, data: list[dict[str, Any]], transform: Compose, name: str) -> torch.utils.data.Dataset:
         if self.cache == "memory":
-            return CacheDataset(data, transform, progress=False, num_workers=None if len(data) > 4 else 0)
+            # Filled in this thread: with MONAI's thread pool a bad file's error reached sys.exit while
+            # sibling threads were still inside torch ops, and the process aborted ("terminate called
+            # without an active exception") instead of printing the one-line error.
+            return CacheDataset(data, transform, progress=False, num_workers=0)
         if self.cache == "disk":
             return PersistentDataset(data, transform, cache_dir=str(Path(self.cache_dir) / name))
         return Dataset(data, transform)
