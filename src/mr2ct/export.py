@@ -13,7 +13,6 @@ classes of :mod:`mr2ct.nets`: a file can neither unpickle code nor name an arbit
 from __future__ import annotations
 
 import json
-import logging
 import os
 import pickle
 import zipfile
@@ -28,7 +27,6 @@ from torch import Tensor, nn
 
 from mr2ct.config import CONFIG_DIR, InputError, exit_on_user_error, set_project_root
 
-log = logging.getLogger("mr2ct.export")
 
 FORMAT = "mr2ct-generators"
 #: run-config entries an exported model keeps: what translate/evaluate need to preprocess like training

@@ -20,7 +20,6 @@ exact dynamic programming over bin boundaries, which maximises the between-class
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,6 @@ from scipy import ndimage
 
 from mr2ct.config import CONFIG_DIR, exit_on_user_error, set_project_root
 
-log = logging.getLogger("mr2ct.segment")
 
 METHODS = ("otsu", "multiotsu")
 #: air threshold for (synthetic) CT in HU: air is -1000, fat about -100

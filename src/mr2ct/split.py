@@ -19,7 +19,6 @@ and read by the NIfTI data module: ``python -m mr2ct.train data=nifti data.split
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,6 @@ from omegaconf import DictConfig
 from mr2ct.config import CONFIG_DIR, exit_on_user_error, set_project_root
 from mr2ct.data.augment import MANIFEST, SUBJECT_PATTERN, list_nifti, nifti_stem, read_manifest, read_split, subject_id  # noqa: F401
 
-log = logging.getLogger("mr2ct.split")
 
 DEFAULT_PATTERN = SUBJECT_PATTERN
 

@@ -16,7 +16,6 @@ stitched on the CPU.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,7 +36,6 @@ from mr2ct.inference import translate_volume
 from mr2ct.io import is_nifti, load_generator, nifti_stem, read_nifti, write_nifti
 from mr2ct.segment import segment_bone, segment_params
 
-log = logging.getLogger("mr2ct.translate")
 
 
 @dataclass
