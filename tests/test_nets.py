@@ -236,3 +236,49 @@ def test_checkpointing_saves_memory(name):
     g.checkpointing = True
     ckpt = _saved_activation_bytes(g, x)
     assert ckpt < 0.6 * plain, (ckpt, plain)
+
+
+NARROW_CASES = {
+    "7³ replicate + bias": lambda: nn.Conv3d(6, 1, 7, padding=3, padding_mode="replicate"),
+    "3³ zeros, 2 out, no bias": lambda: nn.Conv3d(6, 2, 3, padding=1, bias=False),
+    "anisotropic reflect": lambda: nn.Conv3d(6, 1, (3, 5, 7), padding=(1, 2, 3), padding_mode="reflect"),
+    "even kernel": lambda: nn.Conv3d(4, 3, 4, padding=1),
+    "transposed stride 1": lambda: nn.ConvTranspose3d(6, 1, 3, padding=1),
+    "transposed anisotropic": lambda: nn.ConvTranspose3d(6, 2, (3, 5, 3), padding=(0, 2, 1)),
+    "stride 2 (falls back)": lambda: nn.Conv3d(6, 1, 3, stride=2, padding=1),
+}
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("case", list(NARROW_CASES))
+def test_narrow_conv_equals_torch_layer(case, channels_last):
+    """The narrow path computes the same outputs and gradients as the torch layer it replaces."""
+    import copy
+
+    from mr2ct.nets.narrow_conv import NarrowConv3d, NarrowConvTranspose3d, use_narrow_convs
+
+    ref = NARROW_CASES[case]()
+    fast = use_narrow_convs(copy.deepcopy(ref), max_out=3)
+    assert isinstance(fast, (NarrowConv3d, NarrowConvTranspose3d))
+    assert fast.state_dict().keys() == ref.state_dict().keys()
+    x = torch.randn(2, ref.in_channels, 10, 12, 14)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    x_ref, x_fast = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ref, y_fast = ref(x_ref), fast(x_fast)
+    grad = torch.randn_like(y_ref)
+    y_ref.backward(grad)
+    y_fast.backward(grad)
+    torch.testing.assert_close(y_fast, y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x_fast.grad, x_ref.grad, rtol=1e-4, atol=1e-4)
+    for p_fast, p_ref in zip(fast.parameters(), ref.parameters()):
+        torch.testing.assert_close(p_fast.grad, p_ref.grad, rtol=1e-4, atol=1e-3)
+
+
+def test_generators_use_narrow_output_convs():
+    from mr2ct.nets.narrow_conv import NarrowConv3d, NarrowConvTranspose3d
+
+    for g in tiny_generators().values():
+        convs = [m for m in g.modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))]
+        assert isinstance(convs[-1], (NarrowConv3d, NarrowConvTranspose3d)) and convs[-1].out_channels == 1
+        assert all(m.out_channels == 1 for m in convs if isinstance(m, (NarrowConv3d, NarrowConvTranspose3d)))

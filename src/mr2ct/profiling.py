@@ -140,12 +140,14 @@ def manual_step(model: Any, opts: Sequence[torch.optim.Optimizer], real_a: Tenso
     opt_g.zero_grad(set_to_none=True)
     _, fake_a, fake_b = model.generator_backward(real_a, real_b, lambda loss: loss.backward())
     opt_g.step()
+    opt_g.zero_grad(set_to_none=True)
     for p in d_params:
         p.requires_grad_(True)
     opt_d.zero_grad(set_to_none=True)
     d_terms = model.discriminator_losses(real_a, real_b, fake_a, fake_b)
     (d_terms["d_a"] + d_terms["d_b"]).backward()
     opt_d.step()
+    opt_d.zero_grad(set_to_none=True)
 
 
 def _optimizers(model: Any) -> list[torch.optim.Optimizer]:

@@ -55,6 +55,16 @@ def linear_decay(n_epochs: int, n_epochs_decay: int) -> Callable[[int], float]:
     return factor
 
 
+def adam(params: list[nn.Parameter], lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
+    """Adam with the fused kernel where the parameters' device has one (CPU, CUDA), else the per-tensor loop.
+
+    Never the default multi-tensor ("foreach") path: it takes the square root of every second moment at once,
+    one more copy of the parameters at the step -- the step was the memory peak of a checkpointed run.
+    """
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.Adam(params, lr=lr, betas=betas, fused=fused, foreach=None if fused else False)
+
+
 class CycleGAN(pl.LightningModule):
     """Two generators, two discriminators, the loss set given by the config.
 
@@ -217,6 +227,7 @@ class CycleGAN(pl.LightningModule):
             self.untoggle_optimizer(opt_g)
             return
         opt_g.step()
+        opt_g.zero_grad(set_to_none=True)  # the G gradients are not needed while D trains, nor D's at the next G step
         self.untoggle_optimizer(opt_g)
 
         self.toggle_optimizer(opt_d)
@@ -226,6 +237,7 @@ class CycleGAN(pl.LightningModule):
         self.manual_backward(loss_d)
         if self._step_ok(d_terms, opt_d):
             opt_d.step()
+        opt_d.zero_grad(set_to_none=True)
         self.untoggle_optimizer(opt_d)
 
         logs = {f"train/g_{k}": v.detach() for k, v in g_terms.items()}
@@ -292,8 +304,8 @@ class CycleGAN(pl.LightningModule):
         hp = self.hparams
         gen_params = [*self.g_ab.parameters(), *self.g_ba.parameters()]
         gen_params += [p for p in self.losses.parameters() if p.requires_grad]
-        opt_g = torch.optim.Adam(gen_params, lr=hp.lr_g, betas=tuple(hp.betas))
-        opt_d = torch.optim.Adam([*self.d_a.parameters(), *self.d_b.parameters()], lr=hp.lr_d, betas=tuple(hp.betas))
+        opt_g = adam(gen_params, lr=hp.lr_g, betas=tuple(hp.betas))
+        opt_d = adam([*self.d_a.parameters(), *self.d_b.parameters()], lr=hp.lr_d, betas=tuple(hp.betas))
         decay = linear_decay(hp.n_epochs, hp.n_epochs_decay)
         sch_g = torch.optim.lr_scheduler.LambdaLR(opt_g, decay)
         sch_d = torch.optim.lr_scheduler.LambdaLR(opt_d, decay)

@@ -7,6 +7,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mr2ct.nets.init import norm_layer
+from mr2ct.nets.narrow_conv import NarrowConv3d
 
 __all__ = ["ResnetGenerator3D", "ResnetBlock3D"]
 
@@ -63,7 +64,8 @@ class ResnetGenerator3D(nn.Module):
     * ``n_blocks`` residual blocks at 4ngf (:class:`ResnetBlock3D`, padding per ``padding_mode``);
     * 2 upsamplings: 3³ transposed conv stride 2 (padding 1, output_padding 1: sizes double exactly)
       ``4ngf -> 2ngf -> ngf``, norm, ReLU;
-    * head: 7³ conv (padding 3, ``padding_mode``) ``ngf -> C_out`` with bias, ``tanh``.
+    * head: 7³ conv (padding 3, ``padding_mode``) ``ngf -> C_out`` with bias, ``tanh``; a
+      :class:`~mr2ct.nets.narrow_conv.NarrowConv3d` (same maths, 5x faster on CPU for one output channel).
 
     Convs followed by a norm have no bias. With ``ngf=64`` there are 34.1 M parameters for 9 blocks and
     9.3 M for 2 blocks (the 2D original has 11.4 M for 9 blocks).
@@ -122,7 +124,7 @@ class ResnetGenerator3D(nn.Module):
                 )
             )
         stages.append(
-            nn.Sequential(nn.Conv3d(ngf, out_channels, 7, padding=3, padding_mode=padding_mode), nn.Tanh())
+            nn.Sequential(NarrowConv3d(ngf, out_channels, 7, padding=3, padding_mode=padding_mode), nn.Tanh())
         )
         self.model = nn.Sequential(*stages)
 
