@@ -246,20 +246,22 @@ NARROW_CASES = {
     "transposed stride 1": lambda: nn.ConvTranspose3d(6, 1, 3, padding=1),
     "transposed anisotropic": lambda: nn.ConvTranspose3d(6, 2, (3, 5, 3), padding=(0, 2, 1)),
     "stride 2 (falls back)": lambda: nn.Conv3d(6, 1, 3, stride=2, padding=1),
+    "oneDNN forced, small input": lambda: nn.Conv3d(6, 32, 3, padding=1),
+    "oneDNN forced, replicate, stride 2": lambda: nn.Conv3d(6, 16, 3, stride=2, padding=1, padding_mode="replicate"),
 }
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("case", list(NARROW_CASES))
-def test_narrow_conv_equals_torch_layer(case, channels_last):
-    """The narrow path computes the same outputs and gradients as the torch layer it replaces."""
+def test_fast_conv_equals_torch_layer(case, channels_last):
+    """The CPU-routed layers compute the same outputs and gradients as the torch layers they replace."""
     import copy
 
-    from mr2ct.nets.narrow_conv import NarrowConv3d, NarrowConvTranspose3d, use_narrow_convs
+    from mr2ct.nets.cpu_conv import FastConv3d, NarrowConv3d, NarrowConvTranspose3d, use_fast_convs
 
     ref = NARROW_CASES[case]()
-    fast = use_narrow_convs(copy.deepcopy(ref), max_out=3)
-    assert isinstance(fast, (NarrowConv3d, NarrowConvTranspose3d))
+    fast = use_fast_convs(copy.deepcopy(ref), narrow_max_out=3)
+    assert isinstance(fast, (NarrowConv3d, NarrowConvTranspose3d) if ref.out_channels <= 3 else FastConv3d)
     assert fast.state_dict().keys() == ref.state_dict().keys()
     x = torch.randn(2, ref.in_channels, 10, 12, 14)
     if channels_last:
@@ -276,9 +278,27 @@ def test_narrow_conv_equals_torch_layer(case, channels_last):
 
 
 def test_generators_use_narrow_output_convs():
-    from mr2ct.nets.narrow_conv import NarrowConv3d, NarrowConvTranspose3d
+    from mr2ct.nets.cpu_conv import NarrowConv3d, NarrowConvTranspose3d
 
     for g in tiny_generators().values():
         convs = [m for m in g.modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))]
         assert isinstance(convs[-1], (NarrowConv3d, NarrowConvTranspose3d)) and convs[-1].out_channels == 1
         assert all(m.out_channels == 1 for m in convs if isinstance(m, (NarrowConv3d, NarrowConvTranspose3d)))
+
+
+def test_fast_conv_avoids_slow_conv3d():
+    """A batch-1 conv on a small input: PyTorch's own choice is the im2col kernel, FastConv3d runs oneDNN."""
+    from torch.profiler import profile
+
+    from mr2ct.nets.cpu_conv import use_fast_convs
+
+    ref = nn.Conv3d(8, 32, 3, padding=1)
+    fast = use_fast_convs(nn.Sequential(nn.Conv3d(8, 32, 3, padding=1)))
+    x = torch.randn(1, 8, 8, 8, 8)
+    kernels = []
+    for net in (ref, fast):
+        with profile() as prof:
+            net(x)
+        kernels.append({e.name for e in prof.events()})
+    assert "aten::slow_conv3d_forward" in kernels[0]
+    assert "aten::mkldnn_convolution" in kernels[1] and "aten::slow_conv3d_forward" not in kernels[1]

@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mr2ct.nets.init import norm_layer
-from mr2ct.nets.narrow_conv import NarrowConv3d
+from mr2ct.nets.cpu_conv import use_fast_convs
 
 __all__ = ["ResnetGenerator3D", "ResnetBlock3D"]
 
@@ -65,7 +65,9 @@ class ResnetGenerator3D(nn.Module):
     * 2 upsamplings: 3³ transposed conv stride 2 (padding 1, output_padding 1: sizes double exactly)
       ``4ngf -> 2ngf -> ngf``, norm, ReLU;
     * head: 7³ conv (padding 3, ``padding_mode``) ``ngf -> C_out`` with bias, ``tanh``; a
-      :class:`~mr2ct.nets.narrow_conv.NarrowConv3d` (same maths, 5x faster on CPU for one output channel).
+      :class:`~mr2ct.nets.cpu_conv.NarrowConv3d` (same maths, 5x faster on CPU for one output channel).
+
+    All convolutions are the CPU-routed subclasses of :mod:`mr2ct.nets.cpu_conv` (same parameters).
 
     Convs followed by a norm have no bias. With ``ngf=64`` there are 34.1 M parameters for 9 blocks and
     9.3 M for 2 blocks (the 2D original has 11.4 M for 9 blocks).
@@ -124,9 +126,9 @@ class ResnetGenerator3D(nn.Module):
                 )
             )
         stages.append(
-            nn.Sequential(NarrowConv3d(ngf, out_channels, 7, padding=3, padding_mode=padding_mode), nn.Tanh())
+            nn.Sequential(nn.Conv3d(ngf, out_channels, 7, padding=3, padding_mode=padding_mode), nn.Tanh())
         )
-        self.model = nn.Sequential(*stages)
+        self.model = use_fast_convs(nn.Sequential(*stages))
 
     def check_input_size(self, spatial) -> None:
         """Raise ``ValueError`` unless every spatial size is a positive multiple of 4 (>= 8 unless zero padding)."""

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mr2ct.nets.init import monai_norm, use_fast_instance_norm
-from mr2ct.nets.narrow_conv import use_narrow_convs
+from mr2ct.nets.cpu_conv import use_fast_convs
 
 __all__ = ["UNetGenerator", "UNET_PRESETS", "strip_bias_before_norm"]
 
@@ -144,7 +144,7 @@ class UNetGenerator(nn.Module):
         )
         strip_bias_before_norm(self)
         use_fast_instance_norm(self)
-        use_narrow_convs(self)  # the C_out-channel output conv; see mr2ct.nets.narrow_conv
+        use_fast_convs(self)  # oneDNN everywhere, the narrow path for the output conv: see mr2ct.nets.cpu_conv
 
     def _run(self, fn, *args: torch.Tensor) -> torch.Tensor:
         if self.checkpointing and torch.is_grad_enabled():

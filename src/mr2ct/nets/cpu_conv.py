@@ -1,0 +1,162 @@
+"""3D convolutions routed to the fast CPU kernels: drop-in subclasses of the torch layers.
+
+Two shapes of our generators run far below the CPU's convolution ceiling with PyTorch's defaults
+(measured at 2 threads; ceiling ~140-180 GFLOP/s):
+
+* **narrow outputs.** oneDNN blocks output channels by 16, so a Conv3d with one output channel costs as
+  much as one with 16. The output heads are such convolutions at full resolution (ResNet: 7³, 64 -> 1;
+  UNet: 3³ transposed, 32 -> 1). The ResNet head took 435 ms forward on 1x64x32x64x64 (13 GFLOP/s, a
+  third of the generator) and 1.35 s forward+backward. :func:`narrow_conv3d` computes the same
+  convolution as a (1, 1, k_w) convolution into ``k_d * k_h * C_out`` channels followed by a sum of
+  ``k_d * k_h`` shifted slices: 85 ms forward, 0.39 s forward+backward. It pays only for very narrow
+  outputs (3³ kernel, 32 inputs, 64³, fwd+bwd: 1 output 121 vs 158 ms, but 4 outputs 227 vs 159 ms: the
+  shifted sums are memory-bound), so :func:`use_fast_convs` applies it to single-output layers.
+* **small inputs.** PyTorch sends a batch-1 3D convolution with a kernel of at most 3 and
+  ``C_in * D * H < 20480`` (e.g. 64 channels at 16³, or the 1-channel image at 64³) to its im2col
+  ``slow_conv3d`` instead of oneDNN: forward+backward 60 vs 46 ms and 40 vs 30 ms for those two.
+  :class:`FastConv3d` calls oneDNN's kernel directly (``aten.mkldnn_convolution``; same autograd
+  formula, gradients identical).
+
+Every layer takes its fast path only on CPU in float32 with oneDNN available, and defers to the parent
+class otherwise (CUDA, other dtypes, strided narrow layers, ...). Parameters and state-dict keys are
+those of the torch layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["narrow_conv3d", "FastConv3d", "NarrowConv3d", "NarrowConvTranspose3d", "use_fast_convs"]
+
+#: oneDNN's output-channel block on AVX-512: narrower layers cost as much as this many channels
+_BLOCK = 16
+
+
+def _cpu_fp32(x: Tensor) -> bool:
+    # under torch.compile the compiler picks the kernels (fake tensors cannot enter oneDNN's op, and
+    # inductor's conv lowering rejects padding wider than a kernel of 1)
+    if torch.compiler.is_compiling():  # first: the checks below would break the compiled graph
+        return False
+    return (
+        x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 5 and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled and not torch.is_autocast_enabled("cpu")
+    )
+
+
+class _ShiftSum(torch.autograd.Function):
+    """(B, K_d, K_h, C, D + K_d - 1, H + K_h - 1, W) -> (B, C, D, H, W): sum over (a, b) of y[:, a, b, :, a:a+D, b:b+H].
+
+    A hand-written backward: autograd's own would build one zero tensor the size of ``y`` per slice.
+    """
+
+    @staticmethod
+    def forward(ctx, y: Tensor, d: int, h: int) -> Tensor:  # noqa: ANN001
+        ctx.shape, ctx.d, ctx.h = y.shape, d, h
+        kd, kh = y.shape[1], y.shape[2]
+        out = y[:, 0, 0, :, :d, :h].contiguous()
+        for a in range(kd):
+            for b in range(kh):
+                if a or b:
+                    out.add_(y[:, a, b, :, a : a + d, b : b + h])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # noqa: ANN001
+        gy = grad.new_zeros(ctx.shape)
+        d, h = ctx.d, ctx.h
+        for a in range(ctx.shape[1]):
+            for b in range(ctx.shape[2]):
+                gy[:, a, b, :, a : a + d, b : b + h] = grad
+        return gy, None, None
+
+
+def narrow_conv3d(x: Tensor, weight: Tensor, bias: Tensor | None = None, padding: tuple[int, int, int] = (0, 0, 0)) -> Tensor:
+    """``F.conv3d(x, weight, bias, padding=padding)`` (zero padding, stride 1, no dilation, one group) for small C_out.
+
+    Args:
+        x: (B, C_in, D, H, W) input.
+        weight: (C_out, C_in, k_d, k_h, k_w).
+        bias: (C_out,) or ``None``.
+        padding: zero padding (p_d, p_h, p_w) on both sides.
+
+    Returns:
+        (B, C_out, D + 2p_d - k_d + 1, H + 2p_h - k_h + 1, W + 2p_w - k_w + 1), equal to ``F.conv3d`` up to
+        float rounding.
+    """
+    c_out, c_in, kd, kh, kw = weight.shape
+    # output channel (a * k_h + b) * C_out + o holds the k_w-wide partial sums of kernel row (a, b); the
+    # (1, 1, k_w) kernel is pointwise along D and H, so zero-padding them there gives the zero rows the shifted
+    # sums need without copying the (wide) input into a padded tensor
+    w = weight.permute(2, 3, 0, 1, 4).reshape(kd * kh * c_out, c_in, 1, 1, kw)
+    y = F.conv3d(x, w, padding=padding)
+    b_, _, dp, hp, wp = y.shape
+    out = _ShiftSum.apply(y.view(b_, kd, kh, c_out, dp, hp, wp), dp - kd + 1, hp - kh + 1)
+    return out if bias is None else out + bias.view(1, -1, 1, 1, 1)
+
+
+def _narrow_applies(layer: nn.Module, x: Tensor) -> bool:
+    return (
+        _cpu_fp32(x)
+        and layer.out_channels < _BLOCK
+        and layer.groups == 1
+        and all(s == 1 for s in layer.stride)
+        and all(d == 1 for d in layer.dilation)
+        and not isinstance(layer.padding, str)
+        and layer.kernel_size[0] * layer.kernel_size[1] > 1
+    )
+
+
+class FastConv3d(nn.Conv3d):
+    """``nn.Conv3d`` that calls oneDNN directly on CPU in float32 (PyTorch's heuristic may pick ``slow_conv3d``)."""
+
+    def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if not _cpu_fp32(x) or isinstance(self.padding, str):
+            return super()._conv_forward(x, weight, bias)
+        padding = list(self.padding)
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = [0, 0, 0]
+        return torch.ops.aten.mkldnn_convolution(x, weight, bias, padding, list(self.stride), list(self.dilation), self.groups)
+
+
+class NarrowConv3d(nn.Conv3d):
+    """``nn.Conv3d`` that runs :func:`narrow_conv3d` on CPU when ``out_channels < 16`` (stride/dilation 1, one group)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not _narrow_applies(self, x):
+            return super().forward(x)
+        if self.padding_mode == "zeros":
+            return narrow_conv3d(x, self.weight, self.bias, tuple(self.padding))
+        x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+        return narrow_conv3d(x, self.weight, self.bias)
+
+
+class NarrowConvTranspose3d(nn.ConvTranspose3d):
+    """``nn.ConvTranspose3d`` that runs :func:`narrow_conv3d` on CPU for stride 1 and ``out_channels < 16``.
+
+    A stride-1 transposed convolution is the convolution with the flipped, in/out-swapped kernel over the input
+    zero-padded by ``k - 1 - padding``.
+    """
+
+    def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
+        pad = tuple(k - 1 - p for k, p in zip(self.kernel_size, self.padding))
+        if output_size is not None or any(self.output_padding) or min(pad) < 0 or not _narrow_applies(self, x):
+            return super().forward(x, output_size)
+        return narrow_conv3d(x, self.weight.flip(2, 3, 4).transpose(0, 1), self.bias, pad)
+
+
+def use_fast_convs(net: nn.Module, narrow_max_out: int = 1) -> nn.Module:
+    """Swap the plain 3D convolution layers of ``net`` for the subclasses above, in place. Returns ``net``.
+
+    ``nn.Conv3d``/``nn.ConvTranspose3d`` with at most ``narrow_max_out`` outputs become :class:`NarrowConv3d` /
+    :class:`NarrowConvTranspose3d`; every other ``nn.Conv3d`` becomes :class:`FastConv3d`. Parameters and
+    state-dict keys are unchanged.
+    """
+    for m in net.modules():
+        if type(m) is nn.Conv3d:
+            m.__class__ = NarrowConv3d if m.out_channels <= narrow_max_out else FastConv3d
+        elif type(m) is nn.ConvTranspose3d and m.out_channels <= narrow_max_out:
+            m.__class__ = NarrowConvTranspose3d
+    return net
