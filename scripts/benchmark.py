@@ -77,6 +77,9 @@ def main(argv: list[str]) -> dict:
     bf = P.conv_ceiling(False, False, dtype=torch.bfloat16, **small)
     fp = P.conv_ceiling(False, False, **small)
     report["bf16_over_fp32_time_small_conv"] = bf["seconds"] / fp["seconds"]
+    # and at the ceiling's size, forward+backward, as training would run it (CPUs with AVX512-BF16/AMX are faster)
+    report["bf16_over_fp32_time_conv_fb"] = (P.conv_ceiling(True, False, dtype=torch.bfloat16, repeats=3)["seconds"]
+                                             / P.conv_ceiling(True, False, repeats=3)["seconds"])
 
     runs = []
     for gen in args["generator"].split(","):
@@ -118,7 +121,8 @@ def main(argv: list[str]) -> dict:
 
     print(f"\nthreads {threads}, load average {load0[0]:.1f} -> {report['loadavg_end'][0]:.1f}, device {report['device']}")
     print("ceiling GFLOP/s (start/end): " + ", ".join(f"{k} {v['start']:.0f}/{v['end']:.0f}" for k, v in ceil.items()))
-    print(f"bf16-autocast / fp32 time, tiny conv forward (batch 2, 8 ch, 16³): {report['bf16_over_fp32_time_small_conv']:.1f}x")
+    print(f"bf16-autocast / fp32 time: tiny conv forward (batch 2, 8 ch, 16³) {report['bf16_over_fp32_time_small_conv']:.2f}x, "
+          f"ceiling conv fwd+bwd (32 ch, 64³) {report['bf16_over_fp32_time_conv_fb']:.2f}x")
     hdr = f"{'generator':<15}{'saver':<14}{'s/step':>8}{'xfirst':>7}{'TFLOP':>7}{'GFLOP/s':>9}{'MFU conv':>9}{'MFU mm':>8}{'RSS GB':>8}{'pred GB':>8}{'err':>7}"
     print(hdr)
     for r in runs:

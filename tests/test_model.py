@@ -51,6 +51,10 @@ def test_training_step_reuses_fakes_and_updates_all_nets(train_cfg):
     for name, params in before.items():
         assert any(not torch.equal(p0, p1) for p0, p1 in zip(params, getattr(model, name).parameters())), name
     assert trainer.global_step == 2  # two optimizer steps per batch
+    # gradients are released right after each step: none is held between steps (memory)
+    assert all(p.grad is None for p in model.parameters())
+    opt_g, opt_d = (o.optimizer if hasattr(o, "optimizer") else o for o in trainer.optimizers)
+    assert opt_g.defaults["fused"] and opt_d.defaults["fused"]  # no whole-group temporaries at the step
 
 
 @pytest.mark.parametrize("generator", ["unet", "unet_updated", "resnet3d_2blk", "resnet3d_9blk"])

@@ -7,7 +7,8 @@ the bytes of live tensors (:func:`mr2ct.profiling.trace_step`). Predictions:
 
 * GPU: tensor peak (= ``torch.cuda.max_memory_allocated``) x (1 + ``gpu_overhead_fraction``) + context;
 * CPU: peak RSS = the runtime footprint (libraries, measured in this process) + a calibrated fit
-  overhead (:data:`mr2ct.profiling.FIT_OVERHEAD`) + tensor peak + the two history pools when full.
+  overhead growing with the batch's voxels (:func:`mr2ct.profiling.fit_overhead`) + tensor peak + the two
+  history pools when full.
   Validated against measured peak RSS by ``tests/test_plan.py`` and ``scripts/benchmark.py``.
 
 bf16-mixed rows trace activations in bf16 with fp32 weights, gradients and Adam states (GPU only:
@@ -24,7 +25,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from mr2ct.config import CONFIG_DIR, ConfigError, exit_on_user_error, set_project_root, validate
-from mr2ct.profiling import FIT_OVERHEAD, GB, runtime_rss, trace_step
+from mr2ct.profiling import GB, fit_overhead, runtime_rss, trace_step
 
 log = logging.getLogger("mr2ct.plan")
 
@@ -63,7 +64,7 @@ def plan(cfg: DictConfig, runtime_bytes: int | None = None) -> list[dict[str, An
             half = trace_step(c, half_precision=True)
             total = trace["state"] + half["act"]
         gpu = total * (1 + float(cfg.gpu_overhead_fraction)) + float(cfg.gpu_context_gb) * GB
-        cpu = None if bf16 else runtime + FIT_OVERHEAD + total + trace["pool"]
+        cpu = None if bf16 else runtime + fit_overhead(trace["batch_voxels"]) + total + trace["pool"]
         rows.append({
             "saver": name, "changes": changes, "state_gb": trace["state"] / GB, "tensor_peak_gb": total / GB,
             "gpu_gb": gpu / GB, "fits_gpu": gpu <= float(cfg.gpu_memory_gb) * GB,

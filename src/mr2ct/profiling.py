@@ -14,8 +14,9 @@ Three kinds of numbers:
   (:func:`measure`, worker ``python -m mr2ct.profiling '<json>'``): median seconds per step and the
   peak RSS of the process (CUDA: max allocated), or the sliding-window translation of a volume.
 
-CPU peak RSS = the process's runtime footprint (libraries, ~0.4-0.6 GB, measured) + live tensors, so
-:func:`predict_rss` adds the RSS of this process before any model exists to the traced tensor peak.
+CPU peak RSS = the process's runtime footprint (libraries, ~0.4 GB, measured) + live tensors + what the
+fit adds (:func:`fit_overhead`), so :func:`predict_rss` adds the RSS of this process before any model exists
+and the fitted overhead to the traced tensor peak.
 """
 
 from __future__ import annotations
@@ -213,8 +214,8 @@ def trace_step(cfg: DictConfig, half_precision: bool = False) -> dict[str, float
 
     Returns bytes: ``state`` (parameters, gradients, Adam moments: what lives between steps),
     ``total`` (the peak of live tensors during a steady-state step, state included),
-    ``act`` = total - state; ``pool`` (the two history pools when full, which a long run adds), and
-    ``flops`` of the step. ``half_precision`` traces with the model and patches in bf16 (only ``act``
+    ``act`` = total - state; ``pool`` (the two history pools when full, which a long run adds),
+    ``flops`` of the step and ``batch_voxels`` (batch size x patch voxels). ``half_precision`` traces with the model and patches in bf16 (only ``act``
     is meaningful then: mixed precision keeps fp32 weights, gradients and optimizer states).
     """
     model = build_model(cfg, "meta")
@@ -240,6 +241,7 @@ def trace_step(cfg: DictConfig, half_precision: bool = False) -> dict[str, float
     return {
         "state": state, "total": tracker.peak, "act": tracker.peak - state,
         "pool": 2 * int(cfg.model.pool_size) * voxels * torch.finfo(dtype).bits // 8, "flops": flops,
+        "batch_voxels": batch * voxels,
     }
 
 
@@ -268,20 +270,29 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-#: RSS a Lightning fit adds beyond the imported libraries and the tensors (loops, DataLoader, oneDNN kernel
-#: caches, allocator slack): calibrated once on this machine as measured peak RSS - RSS after imports -
-#: traced tensor peak of a 32³ default-unet run (0.53 - 0.365 - 0.049 GB)
-FIT_OVERHEAD = int(0.11 * GB)
+#: RSS a Lightning fit adds beyond the imported libraries and the live tensors: oneDNN scratchpads and
+#: kernel caches, freed-but-resident heap, the loops. It grows with the voxels of a batch of patches: a
+#: least-squares line through 10 measured runs on this machine (2026-11-25; unet, unet_updated,
+#: resnet3d_2blk at 32³ and 64³, resnet3d_9blk at 32x64x64 and at 96³ batch 2, with and without savers:
+#: 0.14-0.23 GB at 32³, 0.29-0.43 GB at 64³, 2.07 GB at 2x96³; residuals within ±0.13 GB). A constant
+#: 0.11 GB (one 32³ calibration) under-predicted unet_updated at 64³ by 20-29 % and 2x96³ by 22 %.
+FIT_OVERHEAD_BASE = int(0.13 * GB)
+FIT_OVERHEAD_PER_MVOXEL = int(1.09 * GB)
+
+
+def fit_overhead(batch_voxels: int) -> int:
+    """Bytes of RSS beyond libraries and tensors for a batch of ``batch_voxels`` voxels (see the constants)."""
+    return int(FIT_OVERHEAD_BASE + FIT_OVERHEAD_PER_MVOXEL * batch_voxels / 1e6)
 
 
 def predict_rss(trace: dict[str, float], runtime_bytes: int, pool_images: int | None = None, pool_size: int = 50) -> int:
-    """CPU peak RSS of a training process: runtime footprint + fit overhead + traced tensor peak + the pools.
+    """CPU peak RSS of a training process: runtime footprint + :func:`fit_overhead` + traced tensor peak + the pools.
 
     ``runtime_bytes``: RSS of a process that imported torch, Lightning and mr2ct (see :func:`runtime_rss`);
     ``pool_images``: images per history pool (``None``: full, ``pool_size``).
     """
     pool = trace["pool"] if pool_images is None else trace["pool"] * min(pool_images, pool_size) / max(pool_size, 1)
-    return int(runtime_bytes + FIT_OVERHEAD + trace["total"] + pool)
+    return int(runtime_bytes + fit_overhead(trace["batch_voxels"]) + trace["total"] + pool)
 
 
 def runtime_rss() -> int:
