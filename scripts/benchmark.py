@@ -9,7 +9,8 @@ Keys: ``generator`` (comma list), ``patch`` (64 or 32x64x64), ``batch``, ``steps
 warm-up step), ``threads`` (0 = torch's default), ``savers`` (comma list of: none, split, ckpt, split+ckpt,
 channels_last, compile), ``translate`` (XxYxZ volume, ``none`` to skip), ``window`` (XxYxZ, default the patch),
 ``peer`` (true: generator=resnet3d_9blk, PatchGAN 3 layers/64 filters, no identity, patch 32x64x64, batch 1,
-translation of 64x128x128), ``out`` (JSON path). Any ``a.b=c`` is passed to the train config as an override.
+translation of 64x128x128), ``out`` (JSON path), ``ceiling`` (edge of the ceiling conv's cube, default 64;
+smaller only for smoke tests). Any ``a.b=c`` is passed to the train config as an override.
 Each configuration runs in a fresh process (peak RSS is its own). Prints a table; writes JSON.
 """
 
@@ -43,7 +44,7 @@ def _shape(text: str) -> list[int]:
 
 def main(argv: list[str]) -> dict:
     args = {"generator": "unet", "patch": "64", "batch": "1", "steps": "3", "threads": "0", "savers": "none",
-            "translate": "160x160x128", "window": "", "peer": "false", "out": "benchmark.json"}
+            "translate": "160x160x128", "window": "", "peer": "false", "out": "benchmark.json", "ceiling": "64"}
     extra = []
     for a in argv:
         key, _, val = a.partition("=")
@@ -65,8 +66,11 @@ def main(argv: list[str]) -> dict:
                     "batch": batch, "extra_overrides": extra, "loadavg_start": load0}
 
     # ceilings, measured first and again at the end: the load of a shared machine drifts
+    edge = int(args["ceiling"])
+
     def ceilings() -> dict:
-        out = {f"conv_{'fb' if b else 'fwd'}{'_cl' if cl else ''}": P.conv_ceiling(b, cl) for b in (False, True) for cl in (False, True)}
+        out = {f"conv_{'fb' if b else 'fwd'}{'_cl' if cl else ''}": P.conv_ceiling(b, cl, size=edge)
+               for b in (False, True) for cl in (False, True)}
         out["matmul"] = P.matmul_ceiling()
         return out
 
@@ -78,8 +82,8 @@ def main(argv: list[str]) -> dict:
     fp = P.conv_ceiling(False, False, **small)
     report["bf16_over_fp32_time_small_conv"] = bf["seconds"] / fp["seconds"]
     # and at the ceiling's size, forward+backward, as training would run it (CPUs with AVX512-BF16/AMX are faster)
-    report["bf16_over_fp32_time_conv_fb"] = (P.conv_ceiling(True, False, dtype=torch.bfloat16, repeats=3)["seconds"]
-                                             / P.conv_ceiling(True, False, repeats=3)["seconds"])
+    report["bf16_over_fp32_time_conv_fb"] = (P.conv_ceiling(True, False, size=edge, dtype=torch.bfloat16, repeats=3)["seconds"]
+                                             / P.conv_ceiling(True, False, size=edge, repeats=3)["seconds"])
 
     runs = []
     for gen in args["generator"].split(","):
@@ -122,7 +126,7 @@ def main(argv: list[str]) -> dict:
     print(f"\nthreads {threads}, load average {load0[0]:.1f} -> {report['loadavg_end'][0]:.1f}, device {report['device']}")
     print("ceiling GFLOP/s (start/end): " + ", ".join(f"{k} {v['start']:.0f}/{v['end']:.0f}" for k, v in ceil.items()))
     print(f"bf16-autocast / fp32 time: tiny conv forward (batch 2, 8 ch, 16³) {report['bf16_over_fp32_time_small_conv']:.2f}x, "
-          f"ceiling conv fwd+bwd (32 ch, 64³) {report['bf16_over_fp32_time_conv_fb']:.2f}x")
+          f"ceiling conv fwd+bwd (32 ch, {edge}³) {report['bf16_over_fp32_time_conv_fb']:.2f}x")
     hdr = f"{'generator':<15}{'saver':<14}{'s/step':>8}{'xfirst':>7}{'TFLOP':>7}{'GFLOP/s':>9}{'MFU conv':>9}{'MFU mm':>8}{'RSS GB':>8}{'pred GB':>8}{'err':>7}"
     print(hdr)
     for r in runs:

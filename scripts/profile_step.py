@@ -14,7 +14,8 @@ PyTorch's own layers to what the generators use:
 4. oneDNN forced for small inputs (:class:`mr2ct.nets.cpu_conv.FastConv3d`) -- what the nets run.
 
 Keys: ``steps`` (timed steps per variant, after one warm-up), ``threads`` (0 = torch's default), ``top``
-(profiler rows), ``ablate``; any ``a.b=c`` is a train-config override. The step is
+(profiler rows), ``ablate``, ``ceiling`` (edge of the ceiling conv's cube, default 64); any ``a.b=c`` is a
+train-config override. The step is
 :func:`mr2ct.profiling.manual_step` (the module's own G and D losses and backward, no Trainer).
 """
 
@@ -55,7 +56,7 @@ def _swap(model: nn.Module, classes: dict[type, type]) -> dict[nn.Module, type]:
 
 
 def main(argv: list[str]) -> None:
-    args = {"steps": "3", "threads": "0", "top": "12", "ablate": "true"}
+    args = {"steps": "3", "threads": "0", "top": "12", "ablate": "true", "ceiling": "64"}
     overrides = []
     for a in argv:
         key, _, val = a.partition("=")
@@ -85,7 +86,8 @@ def main(argv: list[str]) -> None:
         sort_by="self_cpu_time_total", row_limit=int(args["top"]), max_name_column_width=32, max_shapes_column_width=64))
     if args["ablate"].lower() != "true":
         return
-    ceiling = max(P.conv_ceiling(True, False)["gflop_per_s"], P.conv_ceiling(True, True)["gflop_per_s"])
+    edge = int(args["ceiling"])
+    ceiling = max(P.conv_ceiling(True, False, size=edge)["gflop_per_s"], P.conv_ceiling(True, True, size=edge)["gflop_per_s"])
     rows = []
     for name, classes in UNDO.items():
         original = _swap(model, classes)
