@@ -64,10 +64,10 @@ class ResnetGenerator3D(nn.Module):
     * ``n_blocks`` residual blocks at 4ngf (:class:`ResnetBlock3D`, padding per ``padding_mode``);
     * 2 upsamplings: 3³ transposed conv stride 2 (padding 1, output_padding 1: sizes double exactly)
       ``4ngf -> 2ngf -> ngf``, norm, ReLU;
-    * head: 7³ conv (padding 3, ``padding_mode``) ``ngf -> C_out`` with bias, ``tanh``; a
-      :class:`~mr2ct.nets.cpu_conv.NarrowConv3d` (same maths, 5x faster on CPU for one output channel).
+    * head: 7³ conv (padding 3, ``padding_mode``) ``ngf -> C_out`` with bias, ``tanh``.
 
-    All convolutions are the CPU-routed subclasses of :mod:`mr2ct.nets.cpu_conv` (same parameters).
+    All convolutions are the CPU-routed subclasses of :mod:`mr2ct.nets.cpu_conv` (same parameters); the
+    1-channel head becomes a :class:`~mr2ct.nets.cpu_conv.NarrowConv3d` (same maths, 5x faster on CPU).
 
     Convs followed by a norm have no bias. With ``ngf=64`` there are 34.1 M parameters for 9 blocks and
     9.3 M for 2 blocks (the 2D original has 11.4 M for 9 blocks).
