@@ -71,7 +71,7 @@ def write_nifti(
 ) -> Path:
     """Write ``array`` (X, Y, Z) with exactly ``affine``; refuses to replace a file unless ``overwrite``.
 
-    ``dtype``: float32, int16 (rounded and clipped to the int16 range) or uint8. ``header``: the
+    ``dtype``: float32, int16 (rounded and clipped to the int16 range) or uint8 (boolean masks: 0/1). ``header``: the
     input's header, so the qform/sform codes and units carry over; intensity scaling is reset.
     """
     path = Path(path)
@@ -81,6 +81,8 @@ def write_nifti(
         raise ValueError(f"output dtype must be one of {sorted(OUTPUT_DTYPES)}, got {dtype!r}")
     np_dtype = OUTPUT_DTYPES[dtype]
     arr = np.asarray(array)
+    if arr.dtype == np.bool_:  # masks: rint/clip below do not take booleans
+        arr = arr.astype(np.uint8)
     if np.issubdtype(np_dtype, np.integer):
         info = np.iinfo(np_dtype)
         arr = np.clip(np.rint(arr), info.min, info.max)

@@ -186,7 +186,7 @@ def run(cfg: DictConfig) -> Path:
         raise FileExistsError(f"output exists: {out} (pass overwrite=true to replace it)")
     volume, image = read_nifti(cfg.input)
     bone = segment_bone(volume, **params)
-    write_nifti(bone.astype(np.uint8), image.affine, out, dtype="uint8", overwrite=bool(cfg.overwrite), header=image.header)
+    write_nifti(bone, image.affine, out, dtype="uint8", overwrite=bool(cfg.overwrite), header=image.header)
     print(f"mr2ct: wrote {out} ({int(bone.sum())} bone voxels, {params['method']})", flush=True)
     return out
 

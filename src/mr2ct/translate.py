@@ -176,7 +176,7 @@ def run(cfg: DictConfig) -> list[Path]:
         msg = f"[{i}/{len(pairs)}] {src} -> {dst}"
         if cfg.segment:
             bone = segment_bone(out, **params)
-            written.append(write_nifti(bone.astype(np.uint8), image.affine, bone_path(dst), dtype="uint8", overwrite=bool(cfg.overwrite), header=image.header))
+            written.append(write_nifti(bone, image.affine, bone_path(dst), dtype="uint8", overwrite=bool(cfg.overwrite), header=image.header))
             msg += f" (+ {bone_path(dst).name}, {int(bone.sum())} bone voxels)"
         print(f"{msg} {shape} in {time.perf_counter() - t0:.1f} s", flush=True)
     return written
