@@ -6,8 +6,8 @@
     python scripts/benchmark.py savers=none,split+ckpt,channels_last model.pool_size=10
 
 Keys: ``generator`` (comma list), ``patch`` (64 or 32x64x64), ``batch``, ``steps`` (timed steps after one
-warm-up step), ``threads`` (0 = torch's default), ``savers`` (comma list of: none, split, ckpt, split+ckpt,
-channels_last, compile), ``translate`` (XxYxZ volume, ``none`` to skip), ``window`` (XxYxZ, default the patch),
+warm-up step), ``threads`` (0 = torch's default), ``savers`` (comma list of: none, split, ckpt,
+bf16_state, channels_last, compile, or several joined by +, e.g. split+ckpt+bf16_state), ``translate`` (XxYxZ volume, ``none`` to skip), ``window`` (XxYxZ, default the patch),
 ``peer`` (true: generator=resnet3d_9blk, PatchGAN 3 layers/64 filters, no identity, patch 32x64x64, batch 1,
 translation of 64x128x128), ``out`` (JSON path), ``ceiling`` (edge of the ceiling conv's cube, default 64;
 smaller only for smoke tests). Any ``a.b=c`` is passed to the train config as an override.
@@ -29,12 +29,20 @@ SAVERS = {
     "none": [],
     "split": ["model.split_backward=true"],
     "ckpt": ["generator.checkpointing=true"],
-    "split+ckpt": ["model.split_backward=true", "generator.checkpointing=true"],
+    "bf16_state": ["model.optimizer_state=bfloat16"],
     "channels_last": ["model.channels_last=true"],
     "compile": ["model.compile=true"],
 }
 PEER = ["discriminator=patchgan", "discriminator.ndf=64", "discriminator.n_layers=3", "loss=[adversarial,cycle]",
         "generator.padding_mode=replicate"]
+
+
+def saver_overrides(name: str) -> list[str]:
+    """Config overrides of a saver name; ``+`` combines savers (``split+ckpt+bf16_state``)."""
+    unknown = [part for part in name.split("+") if part not in SAVERS]
+    if unknown:
+        sys.exit(f"mr2ct: error: unknown saver {unknown[0]!r} (savers: {', '.join(SAVERS)}, combined with +)")
+    return [o for part in name.split("+") for o in SAVERS[part]]
 
 
 def _shape(text: str) -> list[int]:
@@ -45,18 +53,23 @@ def _shape(text: str) -> list[int]:
 def main(argv: list[str]) -> dict:
     args = {"generator": "unet", "patch": "64", "batch": "1", "steps": "3", "threads": "0", "savers": "none",
             "translate": "160x160x128", "window": "", "peer": "false", "out": "benchmark.json", "ceiling": "64"}
-    extra = []
+    extra, given = [], set()
     for a in argv:
         key, _, val = a.partition("=")
         if "." in key or key.startswith(("+", "~")):
             extra.append(a)
         elif key in args:
             args[key] = val
+            given.add(key)
         else:
             sys.exit(f"mr2ct: error: unknown key {key!r} (keys: {', '.join(args)}, or a.b=c config overrides)")
     if args["peer"].lower() == "true":
-        args.update(generator="resnet3d_9blk", patch="32x64x64", batch="1", translate="64x128x128")
+        args.update(generator="resnet3d_9blk", patch="32x64x64", batch="1")
+        if "translate" not in given:
+            args["translate"] = "64x128x128"
         extra = [*PEER, *extra]
+    for saver in args["savers"].split(","):
+        saver_overrides(saver)  # unknown names fail now, not after the ceilings
     threads = int(args["threads"]) or torch.get_num_threads()
     torch.set_num_threads(threads)
     patch, batch, steps = _shape(args["patch"]), int(args["batch"]), int(args["steps"])
@@ -89,7 +102,7 @@ def main(argv: list[str]) -> dict:
     for gen in args["generator"].split(","):
         for saver in args["savers"].split(","):
             overrides = [f"generator={gen}", f"data.patch_size=[{','.join(map(str, patch))}]", f"data.batch_size={batch}",
-                         *extra, *SAVERS[saver]]
+                         *extra, *saver_overrides(saver)]
             cfg = P.compose(overrides)
             trace = P.trace_step(cfg)
             t0 = time.time()
@@ -127,10 +140,10 @@ def main(argv: list[str]) -> dict:
     print("ceiling GFLOP/s (start/end): " + ", ".join(f"{k} {v['start']:.0f}/{v['end']:.0f}" for k, v in ceil.items()))
     print(f"bf16-autocast / fp32 time: tiny conv forward (batch 2, 8 ch, 16³) {report['bf16_over_fp32_time_small_conv']:.2f}x, "
           f"ceiling conv fwd+bwd (32 ch, {edge}³) {report['bf16_over_fp32_time_conv_fb']:.2f}x")
-    hdr = f"{'generator':<15}{'saver':<14}{'s/step':>8}{'xfirst':>7}{'TFLOP':>7}{'GFLOP/s':>9}{'MFU conv':>9}{'MFU mm':>8}{'RSS GB':>8}{'pred GB':>8}{'err':>7}"
+    hdr = f"{'generator':<15}{'saver':<22}{'s/step':>8}{'xfirst':>7}{'TFLOP':>7}{'GFLOP/s':>9}{'MFU conv':>9}{'MFU mm':>8}{'RSS GB':>8}{'pred GB':>8}{'err':>7}"
     print(hdr)
     for r in runs:
-        print(f"{r['generator']:<15}{r['saver']:<14}{r['median_s']:>8.2f}{r['time_vs_first_saver']:>7.2f}{r['flops'] / 1e12:>7.3f}"
+        print(f"{r['generator']:<15}{r['saver']:<22}{r['median_s']:>8.2f}{r['time_vs_first_saver']:>7.2f}{r['flops'] / 1e12:>7.3f}"
               f"{r['gflop_per_s']:>9.1f}{r['mfu_conv_fb']:>9.0%}{r['mfu_matmul']:>8.0%}{r['peak_rss_gb']:>8.2f}"
               f"{r['predicted_rss_gb']:>8.2f}{r['rss_prediction_error']:>7.1%}")
     for t in translations:

@@ -103,3 +103,21 @@ def test_resume_continues_at_same_step_and_learning_rate(train_cfg, tmp_path):
     assert ckpt["epoch"] == 2 and ckpt["global_step"] == 3 * 2 * 2
     # the third epoch (index 2) of a 1 + 2 schedule runs at 1/3 of the base LR
     assert metrics["lr/g"] == pytest.approx(2e-4 / 3)
+
+
+def test_bf16_optimizer_state_trains_checkpoints_and_resumes_either_way(train_cfg, tmp_path):
+    """The optimizer-state saver can be switched on or off at a resume (e.g. after running out of memory)."""
+    base = [*tiny(), "model.n_epochs=2", "model.n_epochs_decay=0", "trainer.limit_train_batches=1"]
+    train(train_cfg([*base, "trainer.max_epochs=1", "model.optimizer_state=bfloat16"]))
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+
+    def moment_dtypes() -> set[torch.dtype]:
+        ckpt = torch.load(last, weights_only=False)
+        return {s[k].dtype for opt in ckpt["optimizer_states"] for s in opt["state"].values() for k in ("exp_avg", "exp_avg_sq")}
+
+    assert moment_dtypes() == {torch.bfloat16}
+    train(train_cfg([*base, "ckpt_path=last"]))  # back to PyTorch's fp32 Adam
+    assert moment_dtypes() == {torch.float32}
+    ckpt = torch.load(last, weights_only=False)
+    assert ckpt["global_step"] == 2 * 2
+    assert all(g["fused"] for opt in ckpt["optimizer_states"] for g in opt["param_groups"])  # fused kernel again

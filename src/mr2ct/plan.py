@@ -35,6 +35,8 @@ SAVERS: dict[str, dict[str, Any]] = {
     "split": {"model.split_backward": True},
     "ckpt": {"generator.checkpointing": True},
     "split+ckpt": {"model.split_backward": True, "generator.checkpointing": True},
+    "bf16_state": {"model.optimizer_state": "bfloat16"},
+    "split+ckpt+bf16_state": {"model.split_backward": True, "generator.checkpointing": True, "model.optimizer_state": "bfloat16"},
     "bf16": {"trainer.precision": "bf16-mixed"},
     "bf16+split+ckpt": {"trainer.precision": "bf16-mixed", "model.split_backward": True, "generator.checkpointing": True},
 }
@@ -91,7 +93,8 @@ def format_table(cfg: DictConfig, rows: list[dict[str, Any]]) -> str:
             f"{r['saver']:<17}{r['tflop_per_step']:>11.2f}{r['state_gb']:>9.2f}{r['tensor_peak_gb']:>11.2f}"
             f"{r['gpu_gb']:>8.2f}{yes[r['fits_gpu']]:>12}{cpu:>11}{yes[r['fits_cpu']]:>12}"
         )
-    lines.append("split = model.split_backward=true, ckpt = generator.checkpointing=true, bf16 = trainer.precision=bf16-mixed (GPU)")
+    lines.append("split = model.split_backward=true, ckpt = generator.checkpointing=true, bf16 = trainer.precision=bf16-mixed (GPU), "
+                 "bf16_state = model.optimizer_state=bfloat16 (Adam moments)")
     return "\n".join(lines)
 
 

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from mr2ct.data.transforms import unit_to_hu
 from mr2ct.inference import translate_volume
+from mr2ct.model.optim import STATE_DTYPES, adam
 from mr2ct.model.pool import ImagePool
 from mr2ct.nets import init_weights
 
@@ -55,17 +56,6 @@ def linear_decay(n_epochs: int, n_epochs_decay: int) -> Callable[[int], float]:
     return factor
 
 
-def adam(params: list[nn.Parameter], lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
-    """Adam with the fused kernel where the parameters' device has one (CPU, CUDA), else the per-tensor loop.
-
-    Never the default multi-tensor ("foreach") path: it takes the square root of every second moment at once,
-    a temporary the size of the parameters at each step (traced on the meta device). Measured on the peer
-    configuration this did not move the step's peak RSS, which comes earlier (the second half's forward).
-    """
-    fused = bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.Adam(params, lr=lr, betas=betas, fused=fused, foreach=None if fused else False)
-
-
 class CycleGAN(pl.LightningModule):
     """Two generators, two discriminators, the loss set given by the config.
 
@@ -84,6 +74,9 @@ class CycleGAN(pl.LightningModule):
             loss one after the other (same gradients, about half the live activations). Single device
             only: DDP allows one backward per forward.
         channels_last: keep weights and input patches in ``torch.channels_last_3d`` (NDHWC).
+        optimizer_state: memory saver: dtype of the Adam moments, "float32" (PyTorch's Adam) or
+            "bfloat16" (:class:`mr2ct.model.optim.BF16StateAdam`: half the optimizer memory, stochastic
+            rounding; changes the optimizer's numerics, so off by default).
         compile: ``torch.compile`` the generators (first step pays the compilation).
     """
 
@@ -105,6 +98,7 @@ class CycleGAN(pl.LightningModule):
         split_backward: bool = False,
         channels_last: bool = False,
         compile: bool = False,
+        optimizer_state: str = "float32",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["generator", "discriminator", "losses"])
@@ -120,6 +114,8 @@ class CycleGAN(pl.LightningModule):
         if unknown:
             raise ValueError(f"unknown loss terms {sorted(unknown)}")
         self.losses = nn.ModuleDict(dict(losses))
+        if optimizer_state not in STATE_DTYPES:
+            raise ValueError(f"optimizer_state {optimizer_state!r}: choose from {sorted(STATE_DTYPES)}")
         self.split_backward, self.channels_last = bool(split_backward), bool(channels_last)
         if self.channels_last:
             # NDHWC lets oneDNN skip the layout reorders around every 3D conv (faster on CPU, see README)
@@ -252,6 +248,15 @@ class CycleGAN(pl.LightningModule):
         for sch in self.lr_schedulers():
             sch.step()
 
+    def on_train_start(self) -> None:
+        # a resumed checkpoint's param groups overwrite the kernel choice of adam() (a checkpoint of the
+        # bf16-state optimizer carries foreach=False, fused=None): choose again for this run
+        for opt in self.optimizers():
+            opt = getattr(opt, "optimizer", opt)
+            if type(opt) is torch.optim.Adam:
+                for group in opt.param_groups:
+                    group["fused"], group["foreach"] = opt.defaults["fused"], opt.defaults["foreach"]
+
     def on_train_epoch_start(self) -> None:
         # Set the LR from the schedule's formula, not from the restored optimizer state: a resumed run
         # whose n_epochs/n_epochs_decay were extended gets the new schedule from its first epoch on.
@@ -305,8 +310,9 @@ class CycleGAN(pl.LightningModule):
         hp = self.hparams
         gen_params = [*self.g_ab.parameters(), *self.g_ba.parameters()]
         gen_params += [p for p in self.losses.parameters() if p.requires_grad]
-        opt_g = adam(gen_params, lr=hp.lr_g, betas=tuple(hp.betas))
-        opt_d = adam([*self.d_a.parameters(), *self.d_b.parameters()], lr=hp.lr_d, betas=tuple(hp.betas))
+        state = hp.optimizer_state
+        opt_g = adam(gen_params, lr=hp.lr_g, betas=tuple(hp.betas), state_dtype=state)
+        opt_d = adam([*self.d_a.parameters(), *self.d_b.parameters()], lr=hp.lr_d, betas=tuple(hp.betas), state_dtype=state)
         decay = linear_decay(hp.n_epochs, hp.n_epochs_decay)
         sch_g = torch.optim.lr_scheduler.LambdaLR(opt_g, decay)
         sch_d = torch.optim.lr_scheduler.LambdaLR(opt_d, decay)
