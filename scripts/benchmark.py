@@ -7,7 +7,7 @@
 
 Keys: ``generator`` (comma list), ``patch`` (64 or 32x64x64), ``batch``, ``steps`` (timed steps after one
 warm-up step), ``threads`` (0 = torch's default), ``savers`` (comma list of: none, split, ckpt,
-bf16_state, channels_last, compile, or several joined by +, e.g. split+ckpt+bf16_state), ``translate`` (XxYxZ volume, ``none`` to skip), ``window`` (XxYxZ, default the patch),
+bf16_state, trim, channels_last, compile, or several joined by +, e.g. split+ckpt+bf16_state), ``translate`` (XxYxZ volume, ``none`` to skip), ``window`` (XxYxZ, default the patch),
 ``peer`` (true: generator=resnet3d_9blk, PatchGAN 3 layers/64 filters, no identity, patch 32x64x64, batch 1,
 translation of 64x128x128), ``out`` (JSON path), ``ceiling`` (edge of the ceiling conv's cube, default 64;
 smaller only for smoke tests). Any ``a.b=c`` is passed to the train config as an override.
@@ -30,6 +30,7 @@ SAVERS = {
     "split": ["model.split_backward=true"],
     "ckpt": ["generator.checkpointing=true"],
     "bf16_state": ["model.optimizer_state=bfloat16"],
+    "trim": ["callbacks.heap_trim.enabled=true"],
     "channels_last": ["model.channels_last=true"],
     "compile": ["model.compile=true"],
 }

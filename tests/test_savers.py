@@ -53,3 +53,29 @@ def test_one_batch_fit_with_all_memory_savers(train_cfg):
                      "model.channels_last=true", "generator.checkpointing=true"])
     metrics = train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss_g"])) and metrics["train/loss_d"] > 0
+
+
+def test_heap_trim_runs_after_every_backward(train_cfg):
+    """callbacks.heap_trim: malloc_trim after each backward (G halves and D) of a real fit on CPU."""
+    from mr2ct.callbacks import HeapTrim
+
+    calls = []
+
+    class Counting(HeapTrim):
+        def on_fit_start(self, trainer, pl_module):
+            super().on_fit_start(trainer, pl_module)
+            trim = self._trim
+            assert trim is not None, "glibc's malloc_trim not found"
+            self._trim = lambda pad: calls.append(pad) or trim(pad)
+
+    cfg = train_cfg([*tiny("unet"), "trainer.limit_train_batches=2", "trainer.max_epochs=1", "model.split_backward=true"])
+    model = instantiate(cfg.model, _convert_="partial")
+    import pytorch_lightning as pl
+
+    trainer = pl.Trainer(max_steps=4, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Counting()])
+    trainer.fit(model, datamodule=instantiate(cfg.data))
+    assert len(calls) == 2 * 3  # per batch: two generator halves and the discriminators
+    off = HeapTrim(enabled=False)
+    off.on_fit_start(trainer, model)
+    assert off._trim is None

@@ -1,8 +1,11 @@
-"""Lightning callbacks: slice images for TensorBoard, wall-time bookkeeping."""
+"""Lightning callbacks: slice images for TensorBoard, wall-time bookkeeping, heap trimming."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -99,6 +102,41 @@ class EpochTimer(pl.Callback):
         out = Path(trainer.default_root_dir) / self.filename
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(record, indent=2))
+
+
+class HeapTrim(pl.Callback):
+    """CPU training on glibc: hand freed heap pages back to the OS after every backward (``malloc_trim``).
+
+    glibc keeps freed chunks of up to 32 MB in the process heap for reuse, and a 3D step frees hundreds of
+    MB of activations at each backward: resident memory stays that much above the live tensors, by an
+    amount that varies from run to run with where the holes fall. Trimming after each backward (the split
+    backward's first half included) lowers the peak RSS the next forward builds on. Measured on the peer
+    configuration with all savers: peak 1.76 GB instead of 1.82-1.83 GB, step time unchanged within noise.
+    Does nothing on GPU, or where the C library has no ``malloc_trim`` (musl, macOS, Windows).
+
+    Args:
+        enabled: switch (``callbacks.heap_trim.enabled``).
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._trim: Any = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._trim = None
+        if not self.enabled or pl_module.device.type != "cpu":
+            return
+        name = ctypes.util.find_library("c")
+        try:
+            self._trim = ctypes.CDLL(name).malloc_trim if name else None
+        except (OSError, AttributeError):
+            self._trim = None
+        if self._trim is None:
+            logging.getLogger("mr2ct").info("heap_trim: no malloc_trim in this C library; nothing to trim")
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._trim is not None:
+            self._trim(0)
 
 
 class CollapseMonitor(pl.Callback):

@@ -323,6 +323,10 @@ def compose(overrides: Sequence[str], config_name: str = "train") -> DictConfig:
     return cfg
 
 
+#: config keys under ``callbacks`` that the measured training steps run with
+MEMORY_CALLBACKS = ("heap_trim",)
+
+
 class _StepTimer:
     """Lightning callback recording the wall time of each training batch (one full CycleGAN step)."""
 
@@ -369,10 +373,12 @@ def _measure_train(overrides: Sequence[str], steps: int, threads: int | None) ->
 
     loader = torch.utils.data.DataLoader(Patches(), batch_size=batch)
     timer = _StepTimer(device)
+    # the callbacks that change a step's memory or time; the rest (images, validation, checkpoints) do not run
+    memory = [instantiate(cfg.callbacks[k]) for k in MEMORY_CALLBACKS if k in (cfg.get("callbacks") or {})]
     trainer = instantiate(
         cfg.trainer, default_root_dir=cfg.paths.output_dir, max_steps=2 * (steps + 1), max_epochs=-1,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer], devices=1, strategy="auto",
+        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer, *memory], devices=1, strategy="auto",
     )
     trainer.fit(model, train_dataloaders=loader)
     # the first step pays allocation, oneDNN kernel selection, compilation (steps=0: memory only)
