@@ -141,10 +141,11 @@ def main(argv: list[str]) -> dict:
     print("ceiling GFLOP/s (start/end): " + ", ".join(f"{k} {v['start']:.0f}/{v['end']:.0f}" for k, v in ceil.items()))
     print(f"bf16-autocast / fp32 time: tiny conv forward (batch 2, 8 ch, 16³) {report['bf16_over_fp32_time_small_conv']:.2f}x, "
           f"ceiling conv fwd+bwd (32 ch, {edge}³) {report['bf16_over_fp32_time_conv_fb']:.2f}x")
-    hdr = f"{'generator':<15}{'saver':<22}{'s/step':>8}{'xfirst':>7}{'TFLOP':>7}{'GFLOP/s':>9}{'MFU conv':>9}{'MFU mm':>8}{'RSS GB':>8}{'pred GB':>8}{'err':>7}"
+    w = max([len(r["saver"]) for r in runs] + [5]) + 2
+    hdr = f"{'generator':<15}{'saver':<{w}}{'s/step':>8}{'xfirst':>7}{'TFLOP':>7}{'GFLOP/s':>9}{'MFU conv':>9}{'MFU mm':>8}{'RSS GB':>8}{'pred GB':>8}{'err':>7}"
     print(hdr)
     for r in runs:
-        print(f"{r['generator']:<15}{r['saver']:<22}{r['median_s']:>8.2f}{r['time_vs_first_saver']:>7.2f}{r['flops'] / 1e12:>7.3f}"
+        print(f"{r['generator']:<15}{r['saver']:<{w}}{r['median_s']:>8.2f}{r['time_vs_first_saver']:>7.2f}{r['flops'] / 1e12:>7.3f}"
               f"{r['gflop_per_s']:>9.1f}{r['mfu_conv_fb']:>9.0%}{r['mfu_matmul']:>8.0%}{r['peak_rss_gb']:>8.2f}"
               f"{r['predicted_rss_gb']:>8.2f}{r['rss_prediction_error']:>7.1%}")
     for t in translations:

@@ -18,23 +18,26 @@ def _script(name: str, args: list[str]) -> subprocess.CompletedProcess:
 
 def test_benchmark_writes_table_and_json(tmp_path):
     out = tmp_path / "bench.json"
-    res = _script("benchmark.py", ["generator=unet", "patch=16", "steps=1", "threads=1", "savers=none,split+ckpt",
+    res = _script("benchmark.py", ["generator=unet", "patch=16", "steps=1", "threads=1", "savers=none,split+ckpt+bf16_state+trim",
                                    "translate=32x32x16", "ceiling=16", f"out={out}", *TINY])
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads(out.read_text())
     assert {"conv_fb", "conv_fb_cl", "conv_fwd", "matmul"} <= report["ceilings"].keys()
     assert all(c["gflop_per_s"] > 0 for c in report["ceilings"].values())
     runs = {r["saver"]: r for r in report["runs"]}
-    assert runs.keys() == {"none", "split+ckpt"}
+    assert runs.keys() == {"none", "split+ckpt+bf16_state+trim"}
+    assert "model.optimizer_state=bfloat16" in runs["split+ckpt+bf16_state+trim"]["overrides"]
     for r in runs.values():
         assert r["median_s"] > 0 and r["flops"] > 0 and 0 < r["mfu_conv_fb"] < 2
         assert r["peak_rss_gb"] > r["runtime_rss_gb"] > 0 and abs(r["rss_prediction_error"]) < 0.5
-    assert runs["split+ckpt"]["flops"] > runs["none"]["flops"]  # checkpointing recomputes forwards
+    assert runs["split+ckpt+bf16_state+trim"]["flops"] > runs["none"]["flops"]  # checkpointing recomputes forwards
     (t,) = report["translations"]
     assert t["shape"] == [32, 32, 16] and t["voxels_per_s"] > 0
     assert "MFU conv" in res.stdout and "translate unet" in res.stdout
     bad = _script("benchmark.py", ["nonsense=1"])
     assert bad.returncode != 0 and "unknown key 'nonsense'" in bad.stderr
+    bad = _script("benchmark.py", ["savers=none,split+nonsense"])
+    assert bad.returncode != 0 and "unknown saver 'nonsense'" in bad.stderr
 
 
 def test_profile_step_prints_profile_and_ablation():

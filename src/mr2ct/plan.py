@@ -79,19 +79,20 @@ def plan(cfg: DictConfig, runtime_bytes: int | None = None) -> list[dict[str, An
 
 def format_table(cfg: DictConfig, rows: list[dict[str, Any]]) -> str:
     gen = cfg.generator._target_.rsplit(".", 1)[-1]
+    w = max([len(r["saver"]) for r in rows] + [5]) + 2
     lines = [
         f"mr2ct plan: {gen} {dict((k, v) for k, v in cfg.generator.items() if k in ('channels', 'ngf', 'n_blocks'))}, "
         f"patch {list(cfg.data.patch_size)}, batch {cfg.data.batch_size} per device, "
         f"losses {sorted(cfg.loss.keys())}",
-        f"{'saver':<17}{'TFLOP/step':>11}{'state GB':>9}{'tensors GB':>11}{'GPU GB':>8}"
-        f"{'fits ' + str(cfg.gpu_memory_gb) + ' GB':>12}{'CPU RSS GB':>11}{'fits ' + str(cfg.cpu_memory_gb) + ' GB':>12}",
+        f"{'saver':<{w}}{'TFLOP/step':>11}{'state GB':>9}{'tensors GB':>11}{'GPU GB':>8}"
+        f"{'fits ' + str(cfg.gpu_memory_gb) + ' GB':>14}{'CPU RSS GB':>11}{'fits ' + str(cfg.cpu_memory_gb) + ' GB':>12}",
     ]
     yes = {True: "yes", False: "no", None: "-"}
     for r in rows:
         cpu = "-" if r["cpu_rss_gb"] is None else f"{r['cpu_rss_gb']:.2f}"
         lines.append(
-            f"{r['saver']:<17}{r['tflop_per_step']:>11.2f}{r['state_gb']:>9.2f}{r['tensor_peak_gb']:>11.2f}"
-            f"{r['gpu_gb']:>8.2f}{yes[r['fits_gpu']]:>12}{cpu:>11}{yes[r['fits_cpu']]:>12}"
+            f"{r['saver']:<{w}}{r['tflop_per_step']:>11.2f}{r['state_gb']:>9.2f}{r['tensor_peak_gb']:>11.2f}"
+            f"{r['gpu_gb']:>8.2f}{yes[r['fits_gpu']]:>14}{cpu:>11}{yes[r['fits_cpu']]:>12}"
         )
     lines.append("split = model.split_backward=true, ckpt = generator.checkpointing=true, bf16 = trainer.precision=bf16-mixed (GPU), "
                  "bf16_state = model.optimizer_state=bfloat16 (Adam moments)")
