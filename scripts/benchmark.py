@@ -6,8 +6,9 @@
     python scripts/benchmark.py savers=none,split+ckpt,channels_last model.pool_size=10
 
 Keys: ``generator`` (comma list), ``patch`` (64 or 32x64x64), ``batch``, ``steps`` (timed steps after one
-warm-up step), ``threads`` (0 = torch's default), ``savers`` (comma list of: none, split, ckpt,
-bf16_state, trim, channels_last, compile, or several joined by +, e.g. split+ckpt+bf16_state), ``translate`` (XxYxZ volume, ``none`` to skip), ``window`` (XxYxZ, default the patch),
+warm-up step), ``threads`` (0 = torch's default), ``savers`` (comma list of names of
+``mr2ct.plan.SAVERS``: none, split, ckpt, bf16_state, trim, channels_last, compile; several joined by +, e.g.
+split+ckpt+bf16_state), ``translate`` (XxYxZ volume, ``none`` to skip), ``window`` (XxYxZ, default the patch),
 ``peer`` (true: generator=resnet3d_9blk, PatchGAN 3 layers/64 filters, no identity, patch 32x64x64, batch 1,
 translation of 64x128x128), ``out`` (JSON path), ``ceiling`` (edge of the ceiling conv's cube, default 64;
 smaller only for smoke tests). Any ``a.b=c`` is passed to the train config as an override.
@@ -23,27 +24,19 @@ import time
 
 import torch
 
+from mr2ct import plan
 from mr2ct import profiling as P
+from mr2ct.config import ConfigError
 
-SAVERS = {
-    "none": [],
-    "split": ["model.split_backward=true"],
-    "ckpt": ["generator.checkpointing=true"],
-    "bf16_state": ["model.optimizer_state=bfloat16"],
-    "trim": ["callbacks.heap_trim.enabled=true"],
-    "channels_last": ["model.channels_last=true"],
-    "compile": ["model.compile=true"],
-}
 PEER = ["discriminator=patchgan", "discriminator.ndf=64", "discriminator.n_layers=3", "loss=[adversarial,cycle]",
         "generator.padding_mode=replicate"]
 
 
 def saver_overrides(name: str) -> list[str]:
-    """Config overrides of a saver name; ``+`` combines savers (``split+ckpt+bf16_state``)."""
-    unknown = [part for part in name.split("+") if part not in SAVERS]
-    if unknown:
-        sys.exit(f"mr2ct: error: unknown saver {unknown[0]!r} (savers: {', '.join(SAVERS)}, combined with +)")
-    return [o for part in name.split("+") for o in SAVERS[part]]
+    try:
+        return plan.saver_overrides(name)
+    except ConfigError as err:
+        sys.exit(f"mr2ct: error: {err}")
 
 
 def _shape(text: str) -> list[int]:
@@ -122,7 +115,7 @@ def main(argv: list[str]) -> dict:
     translations = []
     if args["translate"] != "none":
         for gen in args["generator"].split(","):
-            overrides = [f"generator={gen}", *extra, *(SAVERS["channels_last"] if "channels_last" in args["savers"] else [])]
+            overrides = [f"generator={gen}", *extra, *(saver_overrides("channels_last") if "channels_last" in args["savers"] else [])]
             t = P.measure({"kind": "translate", "overrides": overrides, "shape": _shape(args["translate"]), "roi": window,
                            "overlap": 0.25, "sw_batch_size": 1, "threads": threads})
             translations.append({"generator": gen, "overrides": overrides, **t, "peak_rss_gb": t["peak_rss"] / P.GB})

@@ -93,9 +93,11 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"model.{key} must be > 0, got {cfg.model[key]}")
     if int(cfg.model.get("pool_size", 0)) < 0:
         raise ConfigError(f"model.pool_size must be >= 0, got {cfg.model.pool_size}")
+    from mr2ct.model.optim import STATE_DTYPES  # here: importing torch is not needed for the rest of this module
+
     state = str(cfg.model.get("optimizer_state", "float32"))
-    if state not in ("float32", "bfloat16"):
-        raise ConfigError(f"model.optimizer_state must be float32 or bfloat16, got {state!r}")
+    if state not in STATE_DTYPES:
+        raise ConfigError(f"model.optimizer_state must be one of {sorted(STATE_DTYPES)}, got {state!r}")
     window = list(cfg.data.get("ct_window", [-1024, 3000]))
     if len(window) != 2 or not float(window[0]) < float(window[1]):
         raise ConfigError(f"data.ct_window must be [low, high] HU with low < high, got {window}")

@@ -29,17 +29,31 @@ from mr2ct.profiling import GB, fit_overhead, runtime_rss, trace_step
 
 log = logging.getLogger("mr2ct.plan")
 
-#: saver name -> config changes (``bf16`` is mixed precision: ``trainer.precision=bf16-mixed``)
+#: memory saver (and speed switch) -> its config changes; names join with ``+`` (see :func:`saver_changes`).
+#: ``bf16`` is mixed precision, ``bf16_state`` the Adam moments in bf16, ``trim`` glibc heap trimming.
 SAVERS: dict[str, dict[str, Any]] = {
     "none": {},
     "split": {"model.split_backward": True},
     "ckpt": {"generator.checkpointing": True},
-    "split+ckpt": {"model.split_backward": True, "generator.checkpointing": True},
     "bf16_state": {"model.optimizer_state": "bfloat16"},
-    "split+ckpt+bf16_state": {"model.split_backward": True, "generator.checkpointing": True, "model.optimizer_state": "bfloat16"},
+    "trim": {"callbacks.heap_trim.enabled": True},
+    "channels_last": {"model.channels_last": True},
+    "compile": {"model.compile": True},
     "bf16": {"trainer.precision": "bf16-mixed"},
-    "bf16+split+ckpt": {"trainer.precision": "bf16-mixed", "model.split_backward": True, "generator.checkpointing": True},
 }
+
+
+def saver_changes(name: str) -> dict[str, Any]:
+    """Config changes of a saver name, several joined by ``+`` (``split+ckpt+bf16_state``)."""
+    unknown = [part for part in name.split("+") if part not in SAVERS]
+    if unknown:
+        raise ConfigError(f"unknown saver {unknown[0]!r}; choose from {sorted(SAVERS)}, joined by +")
+    return {key: val for part in name.split("+") for key, val in SAVERS[part].items()}
+
+
+def saver_overrides(name: str) -> list[str]:
+    """:func:`saver_changes` as Hydra command-line overrides (``model.split_backward=true``)."""
+    return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in saver_changes(name).items()]
 
 
 def _with(cfg: DictConfig, changes: dict[str, Any]) -> DictConfig:
@@ -55,9 +69,7 @@ def plan(cfg: DictConfig, runtime_bytes: int | None = None) -> list[dict[str, An
     runtime = runtime_rss() if runtime_bytes is None else runtime_bytes
     rows = []
     for name in cfg.savers:
-        if name not in SAVERS:
-            raise ConfigError(f"unknown saver {name!r}; choose from {sorted(SAVERS)}")
-        changes = SAVERS[name]
+        changes = saver_changes(name)
         c = _with(cfg, changes)
         bf16 = "bf16" in str(c.trainer.precision)
         trace = trace_step(c)

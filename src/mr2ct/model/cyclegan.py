@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from mr2ct.data.transforms import unit_to_hu
 from mr2ct.inference import translate_volume
-from mr2ct.model.optim import STATE_DTYPES, adam
+from mr2ct.model.optim import adam
 from mr2ct.model.pool import ImagePool
 from mr2ct.nets import init_weights
 
@@ -114,8 +114,6 @@ class CycleGAN(pl.LightningModule):
         if unknown:
             raise ValueError(f"unknown loss terms {sorted(unknown)}")
         self.losses = nn.ModuleDict(dict(losses))
-        if optimizer_state not in STATE_DTYPES:
-            raise ValueError(f"optimizer_state {optimizer_state!r}: choose from {sorted(STATE_DTYPES)}")
         self.split_backward, self.channels_last = bool(split_backward), bool(channels_last)
         if self.channels_last:
             # NDHWC lets oneDNN skip the layout reorders around every 3D conv (faster on CPU, see README)
