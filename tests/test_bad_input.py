@@ -114,6 +114,15 @@ def case_train(setup: Callable[[Path, list[str]], list[str]]):
 
 
 CASES = {
+    "training pairs, MRI without CT": (
+        case_train(lambda t, a: [*a, f"data.train_pairs_a={t / 'mri'}", f"data.train_pairs_b={nifti(t / 'pct' / 's0.nii.gz', ct()).parent}", "loss=+paired"]),
+        "train_pairs: no CT in",
+    ),
+    "training pairs, CT without MRI": (
+        case_train(lambda t, a: [*a, f"data.train_pairs_a={nifti(t / 'pmri' / 's1.nii.gz', np.ones(SHAPE)).parent}", f"data.train_pairs_b={t / 'ct'}", "loss=+paired"]),
+        "train_pairs: no MRI in",
+    ),
+    "paired loss without pairs": (case_train(lambda t, a: [*a, "loss=+paired"]), "loss=+paired needs registered training pairs"),
     "missing data folder": (case_train(lambda t, a: [*a, f"data.train_a={t / 'nope'}"]), "data folder does not exist"),
     "empty data folder": (case_train(lambda t, a: [*a, f"data.train_a={(t / 'empty').mkdir() or t / 'empty'}"]), "no .nii/.nii.gz files in data folder"),
     "not NIfTI": (case_train(lambda t, a: (t / "mri" / "notes.nii.gz").write_text("hello") and a), "notes.nii.gz: not a readable NIfTI file"),

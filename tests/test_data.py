@@ -8,14 +8,14 @@ from hydra.utils import instantiate
 from monai.data import CacheDataset, Dataset, PersistentDataset
 from torch.utils.data import DataLoader
 
-from mr2ct.data import UnpairedDataset
+from mr2ct.data import TrainPatches
 
 
 def _ids(n: int, offset: int = 0) -> list[dict[str, torch.Tensor]]:
     return [{"image": torch.tensor(offset + i)} for i in range(n)]
 
 
-def _epochs(ds: UnpairedDataset, n_epochs: int, num_workers: int = 0) -> list[list[tuple[int, int]]]:
+def _epochs(ds: TrainPatches, n_epochs: int, num_workers: int = 0) -> list[list[tuple[int, int]]]:
     loader = DataLoader(ds, batch_size=1, shuffle=True, num_workers=num_workers)
     return [[(int(b["a"]), int(b["b"])) for b in loader] for _ in range(n_epochs)]
 
@@ -23,7 +23,7 @@ def _epochs(ds: UnpairedDataset, n_epochs: int, num_workers: int = 0) -> list[li
 @pytest.mark.parametrize("n_a, n_b", [(8, 3), (3, 8)])
 def test_unpaired_longer_domain_once_per_epoch_partners_change(n_a, n_b):
     torch.manual_seed(0)
-    epochs = _epochs(UnpairedDataset(_ids(n_a), _ids(n_b, 100)), n_epochs=6)
+    epochs = _epochs(TrainPatches(_ids(n_a), _ids(n_b, 100)), n_epochs=6)
     longer, n_long = (0, n_a) if n_a >= n_b else (1, n_b)
     offset = 0 if longer == 0 else 100
     for pairs in epochs:
@@ -40,7 +40,7 @@ def test_unpaired_longer_domain_once_per_epoch_partners_change(n_a, n_b):
 def test_unpaired_shorter_domain_drawn_independently_of_the_shuffle():
     """The resampled domain must not follow the longer domain's shuffled order (or repeat it per epoch)."""
     torch.manual_seed(1)
-    epochs = _epochs(UnpairedDataset(_ids(40), _ids(4, 100)), n_epochs=25)
+    epochs = _epochs(TrainPatches(_ids(40), _ids(4, 100)), n_epochs=25)
     counts = torch.zeros(4, 4)  # (a % 4, b) over all epochs: independent draws fill it evenly
     for pairs in epochs:
         for a, b in pairs:
@@ -54,7 +54,7 @@ def test_unpaired_shorter_domain_drawn_independently_of_the_shuffle():
 def test_unpaired_workers_draw_different_partners():
     """Forked workers must not share one RNG stream (the classic numpy-in-workers bug)."""
     torch.manual_seed(0)
-    ds = UnpairedDataset(_ids(16), _ids(5, 100))
+    ds = TrainPatches(_ids(16), _ids(5, 100))
     loader = DataLoader(ds, batch_size=8, shuffle=False, num_workers=2)
     first, second = (b["b"].tolist() for b in loader)  # worker 0 gets batch 0, worker 1 batch 1
     assert first != second
@@ -92,7 +92,7 @@ def test_workers_draw_different_patches(train_cfg):
     )
     dm = instantiate(cfg.data)
     same = {"seed": 0, "modality": "mri"}
-    dm.records = lambda split: [dict(same), dict(same)] if split.startswith("train") else []  # one volume twice
+    dm.records = lambda split: [dict(same), dict(same)] if split in ("train_a", "train_b") else []  # one volume twice
     dm.setup("fit")
     a0, a1 = (batch["a"] for batch in dm.train_dataloader())  # worker 0 serves item 0, worker 1 item 1
     assert not torch.equal(a0, a1)

@@ -228,3 +228,44 @@ class ValidationNiftiWriter(pl.Callback):
             write_nifti(torch.as_tensor(batch["a"])[0, 0].float().cpu().numpy(), affine, ref / f"{name}_mri_normalised.nii.gz", overwrite=True)
             ct = unit_to_hu(torch.as_tensor(batch["b"])[0, 0].float().cpu(), window).numpy()
             write_nifti(ct, affine, ref / f"{name}_ct.nii.gz", dtype="int16", overwrite=True)
+
+
+class LastCheckpoint(pl.callbacks.ModelCheckpoint):
+    """``last.ckpt`` on a wall-clock interval and/or every N batches, independent of validation, and at the end.
+
+    The best-model checkpoint is written only when validation runs (every few epochs); a run killed in
+    between (SIGKILL, the OOM killer, a node failure: nothing to catch) would lose everything since. This
+    callback bounds the loss to ``every_n_minutes`` of training, and writes ``last.ckpt`` once more when
+    fitting ends for any reason (``trainer.max_time``, ``max_steps``, the schedule's end). A checkpoint written
+    mid-epoch resumes mid-epoch. Scores nothing and keeps no other file.
+
+    Args:
+        dirpath: checkpoint folder (the run's ``checkpoints/``).
+        every_n_minutes: wall-clock interval between saves (None: off).
+        every_n_batches: batches between saves (None: off); each batch is two optimizer steps.
+    """
+
+    def __init__(self, dirpath: str, every_n_minutes: float | None = 15.0, every_n_batches: int | None = None) -> None:
+        from datetime import timedelta
+
+        interval = timedelta(minutes=float(every_n_minutes)) if every_n_minutes else None
+        # Lightning counts optimizer steps: two per batch with the two CycleGAN optimizers
+        steps = 2 * int(every_n_batches) if every_n_batches and interval is None else None
+        super().__init__(dirpath=dirpath, save_top_k=0, save_last=True, monitor=None, train_time_interval=interval,
+                         every_n_train_steps=steps, save_on_train_epoch_end=False, enable_version_counter=False)
+        self.every_n_batches = int(every_n_batches) if every_n_batches else None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # both triggers at once: the time interval is Lightning's, the batch count ours
+        if self.every_n_batches and self._train_time_interval is not None and trainer.global_step % (2 * self.every_n_batches) == 0:
+            if self._last_global_step_saved != trainer.global_step:
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step > 0 and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    @property
+    def state_key(self) -> str:
+        return "LastCheckpoint"

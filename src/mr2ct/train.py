@@ -101,8 +101,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
     model: pl.LightningModule = hydra.utils.instantiate(cfg.model, _convert_="partial")
     model.run_config = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in cfg if k != "hydra"}
-    for split in ("train_a", "train_b", "val", "test"):  # missing/empty folders fail now, not after start-up
+    for split in ("train_a", "train_b", "train_pairs", "val", "test"):  # missing/empty folders fail now, not after start-up
         datamodule.records(split)
+    if "paired" in cfg.loss and not datamodule.records("train_pairs"):
+        raise ConfigError("loss=+paired needs registered training pairs: data.train_pairs_a/data.train_pairs_b (phantom: data.paired_fraction > 0)")
     if getattr(datamodule, "leakcheck", False):  # near-copies of evaluation volumes in training: stop here
         from mr2ct.leakcheck import guard
 

@@ -1,5 +1,5 @@
 """Data: the embedded spine phantom, NIfTI folders, MONAI transform chains."""
 
-from mr2ct.data.datamodules import CycleGANDataModule, NiftiDataModule, PhantomDataModule, UnpairedDataset
+from mr2ct.data.datamodules import CycleGANDataModule, NiftiDataModule, PhantomDataModule, TrainPatches
 
-__all__ = ["CycleGANDataModule", "NiftiDataModule", "PhantomDataModule", "UnpairedDataset"]
+__all__ = ["CycleGANDataModule", "NiftiDataModule", "PhantomDataModule", "TrainPatches"]

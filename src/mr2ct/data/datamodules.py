@@ -1,8 +1,8 @@
 """Lightning data modules: unpaired training patches, paired whole-volume validation and test.
 
-A training batch is ``{"a": (B, 1, *patch), "b": (B, 1, *patch)}`` with MRI (A) and CT (B) drawn
-independently: the longer domain is walked through in the sampler's shuffled order, the shorter one is
-resampled at random, so no fixed A-B pairing exists. A validation/test batch holds one whole paired
+A training batch is ``{"a", "b": (B, 1, *patch), "mask_a", "mask_b": (B, 1, *patch) body masks,
+"paired": (B,) bool}``. Unpaired samples draw MRI (A) and CT (B) independently, so no fixed A-B pairing
+exists; a sample from a registered pair (``paired`` true) holds the same crop of both modalities. A validation/test batch holds one whole paired
 volume: ``{"a", "b": (1, 1, X, Y, Z), "bone": (1, 1, X, Y, Z) if known, "name": [str]}``.
 Intensities are normalised to [-1, 1] (see :mod:`mr2ct.data.transforms`).
 """
@@ -30,36 +30,79 @@ from torch.utils.data import DataLoader
 
 from mr2ct.data.checks import CheckVolumed, SafeLoadImaged
 from mr2ct.data.phantom import make_anatomy, render_ct, render_mri
-from mr2ct.data.transforms import normalize_ct, normalize_mri, patch_transforms
+from mr2ct.data.transforms import BodyMaskd, normalize_ct, normalize_mri, patch_transforms
 from mr2ct.io import list_nifti, nifti_stem
 
 
 
-class UnpairedDataset(torch.utils.data.Dataset):
-    """Zip two datasets without pairing them: index ``i`` walks the longer one, the shorter is resampled.
+class TrainPatches(torch.utils.data.Dataset):
+    """Training samples: unpaired draws from domains ``a`` and ``b``, and registered ``pairs`` when given.
 
-    Items of ``a`` and ``b`` are dicts with key ``"image"`` (or lists of them, one per patch sampled
-    from a volume); the result is ``{"a": ..., "b": ...}`` (or a list of such dicts).
+    Items of ``a``/``b`` are dicts with ``"image"`` and ``"image_body"``, items of ``pairs`` dicts with
+    ``"a"``, ``"b"``, ``"a_body"``, ``"b_body"`` (or lists of such dicts, one per patch sampled from a
+    volume). A sample is ``{"a", "b", "mask_a", "mask_b", "paired"}`` (or a list of them).
+
+    Without ``length`` an epoch visits every volume of the longer domain once (the shorter one is
+    resampled at random) and every pair once. With ``length`` an epoch is that many draws, each a pair
+    with probability n_pairs / (n_pairs + n_longer_domain) and a random volume of each domain otherwise,
+    so the training length does not depend on how many files there are.
     """
 
-    def __init__(self, a: torch.utils.data.Dataset, b: torch.utils.data.Dataset) -> None:
-        self.a, self.b = a, b
+    def __init__(
+        self,
+        a: torch.utils.data.Dataset,
+        b: torch.utils.data.Dataset,
+        pairs: torch.utils.data.Dataset | None = None,
+        length: int | None = None,
+    ) -> None:
+        self.a, self.b, self.pairs = a, b, pairs
         self.len_a, self.len_b = len(a), len(b)  # type: ignore[arg-type]
+        self.len_pairs = len(pairs) if pairs is not None else 0  # type: ignore[arg-type]
+        self.n_unpaired = max(self.len_a, self.len_b) if self.len_a and self.len_b else 0
+        if self.n_unpaired + self.len_pairs == 0:
+            raise ValueError("no training volumes: both domains (or the pairs) need at least one volume")
+        self.length = int(length) if length else None
 
     def __len__(self) -> int:
-        return max(self.len_a, self.len_b)
+        return self.length or self.n_unpaired + self.len_pairs
 
-    def _index(self, i: int, n: int) -> int:
+    @staticmethod
+    def _draw(n: int) -> int:
         # torch's RNG is seeded per worker by Lightning (seed_everything(workers=True)) and per epoch
-        # by the sampler, so the resampled domain changes partner every epoch.
-        return i % n if n == len(self) else int(torch.randint(n, (1,)).item())
+        # by the sampler, so draws differ between epochs and workers
+        return int(torch.randint(n, (1,)).item())
 
     def __getitem__(self, i: int) -> Any:
-        a = self.a[self._index(i, self.len_a)]
-        b = self.b[self._index(i, self.len_b)]
-        if isinstance(a, list):
-            return [{"a": pa["image"], "b": pb["image"]} for pa, pb in zip(a, b)]
-        return {"a": a["image"], "b": b["image"]}
+        if self.length:
+            total = self.n_unpaired + self.len_pairs
+            k = self._draw(total)
+            if k >= self.n_unpaired:
+                return self._paired(self._draw(self.len_pairs))
+            return self._unpaired(self._draw(self.len_a), self._draw(self.len_b))
+        if i >= self.n_unpaired:
+            return self._paired(i - self.n_unpaired)
+        longer_a = self.len_a == self.n_unpaired
+        ia = i if longer_a else self._draw(self.len_a)
+        ib = self._draw(self.len_b) if longer_a else i
+        return self._unpaired(ia, ib)
+
+    def _unpaired(self, ia: int, ib: int) -> Any:
+        a, b = self.a[ia], self.b[ib]
+
+        def make(pa: Mapping, pb: Mapping) -> dict[str, Any]:
+            out = {"a": pa["image"], "b": pb["image"], "paired": torch.tensor(False)}
+            if "image_body" in pa and "image_body" in pb:
+                out.update(mask_a=pa["image_body"], mask_b=pb["image_body"])
+            return out
+
+        return [make(pa, pb) for pa, pb in zip(a, b)] if isinstance(a, list) else make(a, b)
+
+    def _paired(self, i: int) -> Any:
+        item = self.pairs[i]  # type: ignore[index]
+        make = lambda p: {  # noqa: E731
+            "a": p["a"], "b": p["b"], "mask_a": p["a_body"], "mask_b": p["b_body"], "paired": torch.tensor(True),
+        }
+        return [make(p) for p in item] if isinstance(item, list) else make(item)
 
 
 class CycleGANDataModule(pl.LightningDataModule):
@@ -77,8 +120,16 @@ class CycleGANDataModule(pl.LightningDataModule):
         cache: str = "memory",
         cache_dir: str | None = None,
         leakcheck: bool = False,
+        patches_per_epoch: int | None = None,
+        body_patch_prob: float = 0.0,
     ) -> None:
         super().__init__()
+        if patches_per_epoch is not None and int(patches_per_epoch) < 1:
+            raise ValueError(f"data.patches_per_epoch must be >= 1 or null, got {patches_per_epoch}")
+        if not 0.0 <= float(body_patch_prob) <= 1.0:
+            raise ValueError(f"data.body_patch_prob must be in [0, 1], got {body_patch_prob}")
+        self.patches_per_epoch = int(patches_per_epoch) if patches_per_epoch else None
+        self.body_patch_prob = float(body_patch_prob)
         self.leakcheck = bool(leakcheck)  # read by the train entry (mr2ct.leakcheck.guard) before fitting
         self.patch_size = [int(p) for p in patch_size]
         self.batch_size = int(batch_size)
@@ -96,7 +147,7 @@ class CycleGANDataModule(pl.LightningDataModule):
 
     # -- what subclasses provide -------------------------------------------------------------------
     def records(self, split: str) -> list[dict[str, Any]]:
-        """Records of ``split`` in ``train_a``, ``train_b`` (key "image"), ``val``, ``test`` (keys a, b[, bone])."""
+        """Records of ``split``: ``train_a``, ``train_b`` (key "image"), ``train_pairs``, ``val``, ``test`` (keys a, b[, bone])."""
         raise NotImplementedError
 
     def loader(self, keys: Sequence[str]) -> list[Callable]:
@@ -118,17 +169,35 @@ class CycleGANDataModule(pl.LightningDataModule):
             return PersistentDataset(data, transform, cache_dir=str(Path(self.cache_dir) / name))
         return Dataset(data, transform)
 
-    def train_dataset(self) -> UnpairedDataset:
-        parts = {}
-        for domain, norm in (("a", normalize_mri(["image"], self.mri_percentiles)), ("b", normalize_ct(["image"], self.ct_window))):
-            xform = Compose(
-                [*self.loader(["image"]), norm, patch_transforms(["image"], self.patch_size, self.augment, self.samples_per_volume)]
-            )
+    def _patches(self, images: Sequence[str], modalities: Sequence[str], norms: Sequence[Callable]) -> Compose:
+        masks = [f"{k}_body" for k in images]
+        return Compose(
+            [
+                *self.loader(list(images)),
+                *norms,
+                BodyMaskd(list(images), list(modalities), self.ct_window),
+                patch_transforms(images, self.patch_size, self.augment, self.samples_per_volume, masks, self.body_patch_prob),
+            ]
+        )
+
+    def train_dataset(self) -> TrainPatches:
+        parts: dict[str, torch.utils.data.Dataset | None] = {}
+        norm_a, norm_b = normalize_mri, normalize_ct
+        chains = {
+            "a": self._patches(["image"], ["mri"], [norm_a(["image"], self.mri_percentiles)]),
+            "b": self._patches(["image"], ["ct"], [norm_b(["image"], self.ct_window)]),
+            "pairs": self._patches(["a", "b"], ["mri", "ct"], [norm_a(["a"], self.mri_percentiles), norm_b(["b"], self.ct_window)]),
+        }
+        for n, (part, xform) in enumerate(chains.items()):
+            records = self.records(f"train_{part}")
+            if not records:
+                parts[part] = None
+                continue
             # MONAI's random transforms share one generator seeded from OS entropy at import; seeding them
             # from torch's seed (set by seed_everything) makes crops and augmentation follow `seed=`
-            xform.set_random_state(seed=(torch.initial_seed() + (domain == "b")) % 2**32)
-            parts[domain] = self._dataset(self.records(f"train_{domain}"), xform, f"train_{domain}")
-        return UnpairedDataset(parts["a"], parts["b"])
+            xform.set_random_state(seed=(torch.initial_seed() + n) % 2**32)
+            parts[part] = self._dataset(records, xform, f"train_{part}")
+        return TrainPatches(parts["a"] or [], parts["b"] or [], parts["pairs"], self.patches_per_epoch)
 
     def paired_dataset(self, split: str) -> torch.utils.data.Dataset | None:
         data = self.records(split)
@@ -183,28 +252,34 @@ class CycleGANDataModule(pl.LightningDataModule):
 class PhantomLoadd(MapTransform):
     """Render the synthetic spine phantom of a record: ``{"seed", "modality"}`` or a paired ``{"seed"}``.
 
-    Single-domain records produce ``"image"``; paired records produce ``"a"`` (MRI), ``"b"`` (CT) and
-    ``"bone"``, all shaped (1, X, Y, Z) with the phantom's spacing in the affine.
+    Single-domain records produce ``"image"`` and its body mask ``"image_body"``; paired records produce
+    ``"a"`` (MRI), ``"b"`` (CT), ``"bone"`` and the body masks ``"a_body"``/``"b_body"`` (the phantom knows
+    its anatomy: body = every tissue but air), all shaped (1, X, Y, Z) with the phantom's spacing in the
+    affine. ``contrast`` selects the MRI rendering ("t2" or "t1").
     """
 
-    def __init__(self, keys: Sequence[str], shape: Sequence[int], spacing: Sequence[float]) -> None:
+    def __init__(self, keys: Sequence[str], shape: Sequence[int], spacing: Sequence[float], contrast: str = "t2") -> None:
         super().__init__(keys)
         self.shape, self.spacing = tuple(int(s) for s in shape), tuple(float(s) for s in spacing)
+        self.contrast = contrast
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         from monai.data import MetaTensor
 
+        from mr2ct.data.phantom import TISSUES
+
         d = dict(data)
         labels = make_anatomy(self.shape, self.spacing, d["seed"])
+        body = (labels != TISSUES["air"]).astype(np.float32)
         affine = np.diag([*self.spacing, 1.0])
+        mri = lambda: render_mri(labels, d["seed"], self.contrast)  # noqa: E731
         vols = {}
         if "modality" in d:
-            vols["image"] = render_mri(labels, d["seed"]) if d["modality"] == "mri" else render_ct(labels, d["seed"])
+            vols["image"] = mri() if d["modality"] == "mri" else render_ct(labels, d["seed"])
+            vols["image_body"] = body
         else:
-            vols = {"a": render_mri(labels, d["seed"]), "b": render_ct(labels, d["seed"])}
+            vols = {"a": mri(), "b": render_ct(labels, d["seed"]), "a_body": body, "b_body": body}
             if "bone" in self.keys:
-                from mr2ct.data.phantom import TISSUES
-
                 vols["bone"] = np.isin(labels, [TISSUES["cortical"], TISSUES["trabecular"]]).astype(np.float32)
         for key, vol in vols.items():
             d[key] = MetaTensor(torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))[None], affine=affine)
@@ -215,7 +290,9 @@ class PhantomDataModule(CycleGANDataModule):
     """The embedded synthetic spine phantom (no files): see :mod:`mr2ct.data.phantom`.
 
     Seeds are disjoint per split and domain, so no anatomy is shared between training and evaluation,
-    and training MRI and CT never share an anatomy either.
+    and unpaired training MRI and CT never share an anatomy either. ``paired_fraction`` of the ``n_train``
+    training anatomies are rendered in both modalities as registered pairs (semi-paired training with
+    ``loss=+paired``); the others stay unpaired, so each domain still sees ``n_train`` anatomies.
     """
 
     def __init__(
@@ -226,17 +303,35 @@ class PhantomDataModule(CycleGANDataModule):
         shape: Sequence[int] = (48, 48, 64),
         spacing: Sequence[float] = (3.0, 3.0, 3.0),
         seed: int = 0,
+        paired_fraction: float = 0.0,
+        mri_contrast: str = "t2",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.n = {"train_a": int(n_train), "train_b": int(n_train), "val": int(n_val), "test": int(n_test)}
+        from mr2ct.data.phantom import MRI_CONTRASTS
+
+        if not 0.0 <= float(paired_fraction) <= 1.0:
+            raise ValueError(f"data.paired_fraction must be in [0, 1], got {paired_fraction}")
+        if mri_contrast not in MRI_CONTRASTS:
+            raise ValueError(f"data.mri_contrast must be one of {sorted(MRI_CONTRASTS)}, got {mri_contrast!r}")
+        n_pairs = int(round(float(paired_fraction) * int(n_train)))
+        self.n = {
+            "train_a": int(n_train) - n_pairs,
+            "train_b": int(n_train) - n_pairs,
+            "train_pairs": n_pairs,
+            "val": int(n_val),
+            "test": int(n_test),
+        }
         self.shape, self.spacing, self.seed = list(shape), list(spacing), int(seed)
+        self.mri_contrast = mri_contrast
 
     def records(self, split: str) -> list[dict[str, Any]]:
-        # one block of 10 000 seeds per split keeps every split's anatomies distinct for any n
-        offset = {"train_a": 0, "train_b": 1, "val": 2, "test": 3}[split] * 10_000 + self.seed * 100_000
+        # one block of 10 000 seeds per split keeps every split's anatomies distinct for any n; pairs take
+        # the seeds after the unpaired MRI's in the train_a block
+        block = {"train_a": 0, "train_b": 1, "train_pairs": 0, "val": 2, "test": 3}[split]
+        offset = block * 10_000 + self.seed * 100_000 + (self.n["train_a"] if split == "train_pairs" else 0)
         seeds = range(offset, offset + self.n[split])
-        if split.startswith("train"):
+        if split in ("train_a", "train_b"):
             modality = "mri" if split == "train_a" else "ct"
             return [{"seed": s, "modality": modality} for s in seeds]
         return [{"seed": s, "name": f"phantom_{s:06d}"} for s in seeds]
@@ -245,7 +340,7 @@ class PhantomDataModule(CycleGANDataModule):
         return ["a", "b", "bone"]
 
     def loader(self, keys: Sequence[str]) -> list[Callable]:
-        return [PhantomLoadd(list(keys), self.shape, self.spacing)]
+        return [PhantomLoadd(list(keys), self.shape, self.spacing, self.mri_contrast)]
 
 
 class NiftiDataModule(CycleGANDataModule):
@@ -261,6 +356,8 @@ class NiftiDataModule(CycleGANDataModule):
         test_a: str | None = None,
         test_b: str | None = None,
         test_bone: str | None = None,
+        train_pairs_a: str | None = None,
+        train_pairs_b: str | None = None,
         spacing: Sequence[float] | None = None,
         orientation: str = "RAS",
         split_file: str | None = None,
@@ -274,12 +371,15 @@ class NiftiDataModule(CycleGANDataModule):
             "train_b": train_b,
             "val": (val_a, val_b, val_bone),
             "test": (test_a, test_b, test_bone),
+            "train_pairs": (train_pairs_a, train_pairs_b, None),
         }
+        if bool(train_pairs_a) != bool(train_pairs_b):
+            raise FileNotFoundError("paired training needs both data.train_pairs_a (MRI) and data.train_pairs_b (CT)")
         self.spacing = list(spacing) if spacing else None
         self.orientation = orientation
 
     def records(self, split: str) -> list[dict[str, Any]]:
-        if self.split_file:
+        if self.split_file and split != "train_pairs":  # pairs come from their folders
             from mr2ct.data.augment import read_split
 
             listed = read_split(self.split_file)[split]
@@ -290,7 +390,9 @@ class NiftiDataModule(CycleGANDataModule):
                     raise FileNotFoundError(f"{self.split_file}: {split} file does not exist: {path}")
             return listed
         entry = self.folders[split]
-        if split.startswith("train") and not entry:
+        if split in ("train_a", "train_b") and not entry:
+            if self.folders["train_pairs"][0]:  # pairs only: a supervised (pix2pix-style) run
+                return []
             raise FileNotFoundError(f"data.{split} is not set: give data.train_a and data.train_b folders, or data.split_file")
         if isinstance(entry, str):
             modality = "ct" if split == "train_b" else "mri"  # read by CheckVolumed's HU check
@@ -311,6 +413,10 @@ class NiftiDataModule(CycleGANDataModule):
                     raise FileNotFoundError(f"{split}: no bone mask in {folder_bone} matches {pa.name}")
                 rec["bone"] = str(files_bone[stem])
             out.append(rec)
+        lone = sorted(set(files_b) - {rec["name"] for rec in out})
+        if split == "train_pairs" and lone:  # every training pair needs both halves: a lone CT is a mistake
+            lone = ", ".join(lone[:3]) + (" ..." if len(lone) > 3 else "")
+            raise FileNotFoundError(f"train_pairs: no MRI in {folder_a} matches CT {lone} (paired files share a stem)")
         return out
 
     def loader(self, keys: Sequence[str]) -> list[Callable]:

@@ -46,6 +46,7 @@ from scipy import ndimage
 
 __all__ = [
     "TISSUES",
+    "MRI_CONTRASTS",
     "Phantom",
     "make_anatomy",
     "make_phantom",
@@ -93,6 +94,20 @@ _MRI_T2: dict[str, tuple[float, float]] = {
     "csf": (880.0, 980.0),
     "cord": (480.0, 580.0),
 }
+# T1-weighted-like MRI: fat and fatty marrow bright, fluid (CSF) and disc dark, cortical bone and air dark.
+_MRI_T1: dict[str, tuple[float, float]] = {
+    "air": (0.0, 0.0),
+    "fat": (820.0, 950.0),
+    "muscle": (280.0, 360.0),
+    "skin": (380.0, 470.0),
+    "cortical": (5.0, 25.0),
+    "trabecular": (560.0, 700.0),
+    "disc": (230.0, 300.0),
+    "csf": (60.0, 120.0),
+    "cord": (400.0, 470.0),
+}
+#: MRI contrasts :func:`render_mri` can produce
+MRI_CONTRASTS: dict[str, dict[str, tuple[float, float]]] = {"t2": _MRI_T2, "t1": _MRI_T1}
 
 
 @dataclass(frozen=True)
@@ -526,11 +541,13 @@ def _bias_field(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     return field + np.float32(1.0)
 
 
-def render_mri(labels: np.ndarray, seed: int) -> np.ndarray:
-    """Render a T2-weighted-like MRI volume from a tissue label map.
+def render_mri(labels: np.ndarray, seed: int, contrast: str = "t2") -> np.ndarray:
+    """Render a T2-weighted-like (default) or T1-weighted-like MRI volume from a tissue label map.
 
-    Contrast: cortical bone and air dark (~0-30), CSF, disc and fat bright (650-980),
-    trabecular marrow medium (320-450), cord grey (480-580), muscle dark grey (150-230).
+    T2: cortical bone and air dark (~0-30), CSF, disc and fat bright (650-980), trabecular marrow
+    medium (320-450), cord grey (480-580), muscle dark grey (150-230).
+    T1 (``contrast="t1"``): fat (820-950) and fatty marrow (560-700) bright, cord and skin grey,
+    muscle darker (280-360), disc (230-300) and CSF (60-120) dark, cortical bone and air dark.
     A slight partial-volume blur, a smooth multiplicative bias field (+-20-30 %) and Rician
     noise (magnitude of a complex Gaussian, sigma 8-20) are applied; output is ``>= 0``.
 
@@ -540,15 +557,19 @@ def render_mri(labels: np.ndarray, seed: int) -> np.ndarray:
         Integer ``(X, Y, Z)`` label map with values from :data:`TISSUES`.
     seed : int
         Non-negative render seed; the output is a deterministic function of it.
+    contrast : str
+        ``"t2"`` or ``"t1"`` (:data:`MRI_CONTRASTS`).
 
     Returns
     -------
     np.ndarray
         float32 ``(X, Y, Z)`` MRI magnitude, non-negative.
     """
+    if contrast not in MRI_CONTRASTS:
+        raise ValueError(f"MRI contrast must be one of {sorted(MRI_CONTRASTS)}, got {contrast!r}")
     lab = _check_labels(labels)
     rng = _rng(seed, 2)
-    lut = _tissue_lut(_MRI_T2, rng)
+    lut = _tissue_lut(MRI_CONTRASTS[contrast], rng)
     blur = rng.uniform(0.3, 0.4)
     noise_sd = np.float32(rng.uniform(8.0, 20.0))
     img = ndimage.gaussian_filter(lut[lab], sigma=blur, mode="nearest")

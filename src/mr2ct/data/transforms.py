@@ -26,6 +26,7 @@ from monai.transforms import (
     EnsureTyped,
     MapTransform,
     RandomizableTransform,
+    RandCropByPosNegLabeld,
     RandSpatialCropd,
     RandSpatialCropSamplesd,
     Rotate,
@@ -141,40 +142,82 @@ class RandRecipeNoised(RandomizableTransform, MapTransform):
         return d
 
 
+class BodyMaskd(MapTransform):
+    """Add a body mask (1, X, Y, Z) under ``<key>_body`` for each normalised volume ``key``.
+
+    Body = largest component above the air threshold, holes filled (:func:`mr2ct.segment.body_mask`). The
+    threshold is -500 HU for CT (``modality="ct"``) and the volume's Otsu threshold for MRI. Deterministic,
+    so a cached dataset computes it once per volume.
+    """
+
+    def __init__(self, keys: KeysCollection, modality: str | Sequence[str], ct_window: Sequence[float]) -> None:
+        super().__init__(keys)
+        self.modality = [modality] * len(self.keys) if isinstance(modality, str) else list(modality)
+        self.ct_threshold = float(hu_to_unit(np.array(-500.0), ct_window))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from mr2ct.segment import body_mask
+
+        d = dict(data)
+        for key, modality in zip(self.key_iterator(d), self.modality):
+            if f"{key}_body" in d:  # given (the phantom knows its anatomy)
+                continue
+            vol = np.asarray(d[key][0], dtype=np.float32)
+            mask = body_mask(vol, self.ct_threshold if modality == "ct" else "auto")
+            d[f"{key}_body"] = torch.from_numpy(mask[None].astype(np.float32))
+        return d
+
+
 def patch_transforms(
     keys: KeysCollection,
     patch_size: Sequence[int],
     augment: Mapping[str, Any] | None = None,
     samples_per_volume: int = 1,
+    masks: Sequence[str] = (),
+    body_prob: float = 0.0,
 ) -> Compose:
-    """Random training patches from a normalised volume, with the recipe's augmentation.
+    """Random training patches of normalised volumes ``keys`` and their ``masks`` (one crop for all), with the recipe's augmentation.
 
-    Volumes smaller than ``patch_size`` are padded with the background value. With rotation on, a
-    patch 25 % larger is cropped, rotated and centre-cropped, so rotated corners hold real anatomy.
-    ``samples_per_volume`` > 1 returns a list of patches from one loaded volume.
+    Volumes smaller than ``patch_size`` are padded with the background value (masks with 0). With rotation
+    on, a patch 25 % larger is cropped, rotated and centre-cropped, so rotated corners hold real anatomy.
+    ``samples_per_volume`` > 1 returns a list of patches from one loaded volume. With ``body_prob`` > 0 a
+    patch's centre lies inside the first mask (the body) with probability ``body_prob`` and anywhere
+    otherwise (MONAI's ``RandCropByPosNegLabeld``). Noise is added to the images, not to the masks.
     """
     augment = dict(augment or {})
+    images = [keys] if isinstance(keys, str) else list(keys)
+    masks = list(masks)
+    both = [*images, *masks]
     patch = [int(p) for p in patch_size]
     rot_std = float(augment.get("rotation_std_deg", 0.0))
     rot_prob = float(augment.get("rotation_prob", 0.0))
     rotate = rot_std > 0 and rot_prob > 0
     crop = [int(math.ceil(p * 1.25)) for p in patch] if rotate else patch
-    xforms: list = [SpatialPadd(keys, spatial_size=crop, mode="constant", value=BACKGROUND)]
-    if samples_per_volume > 1:
-        xforms.append(RandSpatialCropSamplesd(keys, roi_size=crop, num_samples=samples_per_volume, random_size=False))
+    xforms: list = [SpatialPadd(images, spatial_size=crop, mode="constant", value=BACKGROUND)]
+    if masks:
+        xforms.append(SpatialPadd(masks, spatial_size=crop, mode="constant", value=0.0))
+    if masks and body_prob > 0:
+        xforms.append(
+            RandCropByPosNegLabeld(
+                both, label_key=masks[0], spatial_size=crop, pos=float(body_prob), neg=1.0 - float(body_prob),
+                num_samples=samples_per_volume, allow_smaller=True,
+            )
+        )
+    elif samples_per_volume > 1:
+        xforms.append(RandSpatialCropSamplesd(both, roi_size=crop, num_samples=samples_per_volume, random_size=False))
     else:
-        xforms.append(RandSpatialCropd(keys, roi_size=crop, random_size=False))
+        xforms.append(RandSpatialCropd(both, roi_size=crop, random_size=False))
     if rotate:
-        xforms += [RandGaussianRotated(keys, std_deg=rot_std, prob=rot_prob), CenterSpatialCropd(keys, roi_size=patch)]
+        xforms += [RandGaussianRotated(both, std_deg=rot_std, prob=rot_prob), CenterSpatialCropd(both, roi_size=patch)]
     noise_prob = float(augment.get("noise_prob", 0.0))
     if noise_prob > 0:
         xforms.append(
             RandRecipeNoised(
-                keys,
+                images,
                 prob=noise_prob,
                 mean_range=augment.get("noise_mean_range", (-0.1, 0.1)),
                 stds=augment.get("noise_stds", (0.01, 0.05, 0.1)),
             )
         )
-    xforms.append(EnsureTyped(keys, dtype=torch.float32, track_meta=False))
+    xforms.append(EnsureTyped(both, dtype=torch.float32, track_meta=False))
     return Compose(xforms)

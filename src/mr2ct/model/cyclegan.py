@@ -11,7 +11,10 @@ Per training batch (manual optimisation, two optimizers):
                   + l_cyc [|rec_a - a| + |rec_b - b|]
                   + l_idt l_cyc [|G_ab(b) - b| + |G_ba(a) - a|]                 (identity, optional)
                   + w_gc [(1 - GC(a, fake_b)) + (1 - GC(b, fake_a))]               (optional)
+                  + w_mind [|MIND(a) - MIND(fake_b)| + |MIND(b) - MIND(fake_a)|]   (optional)
                   + w_per [P(a, rec_a) + P(b, rec_b)]                              (optional)
+                  + w_pair [|fake_b - b|_body (+ |fake_a - a|_body)]  on registered pairs only (optional)
+   With ``mask_losses`` the cycle, identity and MIND terms are averaged over the body voxels only.
 3. D step:    L_D = 1/2 [LS(D_a(a), 1) + LS(D_a(pool_a(fake_a)), 0)] + same for B, on the fakes of
               step 1 (detached; never recomputed) drawn through a 50-image history pool.
 
@@ -34,7 +37,7 @@ from mr2ct.model.optim import adam
 from mr2ct.model.pool import ImagePool
 from mr2ct.nets import init_weights
 
-OPTIONAL_TERMS = ("identity", "gc", "perceptual")
+OPTIONAL_TERMS = ("identity", "gc", "mind", "perceptual", "paired")
 
 
 def plain(x: Tensor) -> Tensor:
@@ -64,7 +67,7 @@ class CycleGAN(pl.LightningModule):
             of :class:`mr2ct.nets.UNetGenerator`. Maps (B, 1, X, Y, Z) in [-1, 1] to the same shape.
         discriminator: builds one discriminator (called twice), (B, 1, X, Y, Z) -> logits map.
         losses: term name -> loss module; ``adversarial`` and ``cycle`` are required, ``identity``,
-            ``gc`` and ``perceptual`` are optional. Each has a ``weight``.
+            ``gc``, ``mind``, ``perceptual`` and ``paired`` are optional. Each has a ``weight``.
         lr_g, lr_d, betas: Adam settings of the generator and discriminator optimizers.
         n_epochs, n_epochs_decay: linear LR schedule (see :func:`linear_decay`).
         pool_size: history pool size for the discriminator updates (0 disables).
@@ -78,6 +81,8 @@ class CycleGAN(pl.LightningModule):
             "bfloat16" (:class:`mr2ct.model.optim.BF16StateAdam`: half the optimizer memory, stochastic
             rounding; changes the optimizer's numerics, so off by default).
         compile: ``torch.compile`` the generators (first step pays the compilation).
+        mask_losses: average the cycle, identity and MIND terms over the body voxels of each patch (the
+            batch's ``mask_a``/``mask_b``) instead of the whole patch, so air does not dilute them.
     """
 
     def __init__(
@@ -99,6 +104,7 @@ class CycleGAN(pl.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         optimizer_state: str = "float32",
+        mask_losses: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["generator", "discriminator", "losses"])
@@ -115,6 +121,7 @@ class CycleGAN(pl.LightningModule):
             raise ValueError(f"unknown loss terms {sorted(unknown)}")
         self.losses = nn.ModuleDict(dict(losses))
         self.split_backward, self.channels_last = bool(split_backward), bool(channels_last)
+        self.mask_losses = bool(mask_losses)
         if self.channels_last:
             # NDHWC lets oneDNN skip the layout reorders around every 3D conv (faster on CPU, see README)
             self.to(memory_format=torch.channels_last_3d)
@@ -133,50 +140,81 @@ class CycleGAN(pl.LightningModule):
         return self.g_ab(real_a)
 
     def generator_losses(
-        self, real_a: Tensor, real_b: Tensor, halves: str = "ab"
+        self, real_a: Tensor, real_b: Tensor, halves: str = "ab", extras: Mapping[str, Tensor] | None = None
     ) -> tuple[dict[str, Tensor], Tensor | None, Tensor | None]:
         """Weighted generator loss terms, and the fakes (for the discriminator step).
 
         ``halves`` selects the terms: ``"a"`` = everything computed from ``real_a`` (the A->B->A cycle,
-        adv_ab, idt_b, gc_ab, perc_a), ``"b"`` = everything from ``real_b``, ``"ab"`` = both. The two
-        halves share no activations, so they can be back-propagated one after the other
-        (``split_backward``). A fake of a half not computed is returned as ``None``.
+        adv_ab, idt_b, gc_ab, mind_ab, perc_a, paired_ab), ``"b"`` = everything from ``real_b``, ``"ab"`` =
+        both. The two halves share no activations, so they can be back-propagated one after the other
+        (``split_backward``). A fake of a half not computed is returned as ``None``. ``extras`` holds the
+        batch's optional ``mask_a``/``mask_b`` (body masks, (B, 1, X, Y, Z)) and ``paired`` ((B,) bool: the
+        sample's a and b are the same crop of a registered pair).
         """
-        L = self.losses
+        L, extras = self.losses, extras or {}
         adv, lam_cyc = L["adversarial"], L["cycle"].weight
         idt_w = L["identity"].weight * lam_cyc if "identity" in L and L["identity"].weight > 0 else 0.0
+        body_a, body_b = extras.get("mask_a"), extras.get("mask_b")
+        mask_a, mask_b = (body_a, body_b) if self.mask_losses else (None, None)
         terms: dict[str, Tensor] = {}
         fake_a = fake_b = None
         if "a" in halves:
             fake_b = self.g_ab(real_a)
             rec_a = self.g_ba(fake_b)
             terms["adv_ab"] = adv.weight * adv(self.d_b(fake_b), True)
-            terms["cycle_a"] = lam_cyc * L["cycle"](real_a, rec_a)
+            terms["cycle_a"] = lam_cyc * L["cycle"](real_a, rec_a, mask_a)
         if "b" in halves:
             fake_a = self.g_ba(real_b)
             rec_b = self.g_ab(fake_a)
             terms["adv_ba"] = adv.weight * adv(self.d_a(fake_a), True)
-            terms["cycle_b"] = lam_cyc * L["cycle"](real_b, rec_b)
+            terms["cycle_b"] = lam_cyc * L["cycle"](real_b, rec_b, mask_b)
         if idt_w:
             if "b" in halves:
-                terms["idt_a"] = idt_w * L["identity"](real_b, self.g_ab(real_b))
+                terms["idt_a"] = idt_w * L["identity"](real_b, self.g_ab(real_b), mask_b)
             if "a" in halves:
-                terms["idt_b"] = idt_w * L["identity"](real_a, self.g_ba(real_a))
+                terms["idt_b"] = idt_w * L["identity"](real_a, self.g_ba(real_a), mask_a)
         if "gc" in L:
             if "a" in halves:
                 terms["gc_ab"] = L["gc"].weight * L["gc"](real_a, fake_b)
             if "b" in halves:
                 terms["gc_ba"] = L["gc"].weight * L["gc"](real_b, fake_a)
+        if "mind" in L:
+            if "a" in halves:
+                terms["mind_ab"] = L["mind"].weight * L["mind"](real_a, fake_b, mask_a)
+            if "b" in halves:
+                terms["mind_ba"] = L["mind"].weight * L["mind"](real_b, fake_a, mask_b)
         if "perceptual" in L:
             if "a" in halves:
                 terms["perc_a"] = L["perceptual"].weight * L["perceptual"](real_a, rec_a)
             if "b" in halves:
                 terms["perc_b"] = L["perceptual"].weight * L["perceptual"](real_b, rec_b)
+        if "paired" in L:
+            terms.update(self._paired_terms(halves, real_a, real_b, fake_a, fake_b, extras.get("paired"), body_b))
         detach = lambda t: None if t is None else t.detach()  # noqa: E731
         return terms, detach(fake_a), detach(fake_b)
 
+    def _paired_terms(self, halves, real_a, real_b, fake_a, fake_b, paired, body) -> dict[str, Tensor]:
+        """Supervised L1 on the registered pairs of the batch, in the CT's body; zero when the batch has none."""
+        term = self.losses["paired"]
+        sel = paired.nonzero().flatten() if paired is not None else None
+        out: dict[str, Tensor] = {}
+        directions = [("a", "paired_ab", fake_b, real_b)] + ([("b", "paired_ba", fake_a, real_a)] if term.reverse else [])
+        for half, name, pred, target in directions:
+            if half not in halves:
+                continue
+            if sel is None or sel.numel() == 0:
+                out[name] = pred.new_zeros(())
+            else:
+                mask = body[sel] if body is not None else None
+                out[name] = term.weight * term(pred[sel], target[sel], mask)
+        return out
+
     def generator_backward(
-        self, real_a: Tensor, real_b: Tensor, backward: Callable[[Tensor], None]
+        self,
+        real_a: Tensor,
+        real_b: Tensor,
+        backward: Callable[[Tensor], None],
+        extras: Mapping[str, Tensor] | None = None,
     ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
         """Generator losses and their backward (``backward(loss)``); gradients accumulate in ``.grad``.
 
@@ -185,12 +223,12 @@ class CycleGAN(pl.LightningModule):
         summed gradients are those of the joint loss.
         """
         if not self.split_backward:
-            terms, fake_a, fake_b = self.generator_losses(real_a, real_b)
+            terms, fake_a, fake_b = self.generator_losses(real_a, real_b, "ab", extras)
             backward(torch.stack(list(terms.values())).sum())
             return terms, fake_a, fake_b
-        terms_a, _, fake_b = self.generator_losses(real_a, real_b, "a")
+        terms_a, _, fake_b = self.generator_losses(real_a, real_b, "a", extras)
         backward(torch.stack(list(terms_a.values())).sum())
-        terms_b, fake_a, _ = self.generator_losses(real_a, real_b, "b")
+        terms_b, fake_a, _ = self.generator_losses(real_a, real_b, "b", extras)
         backward(torch.stack(list(terms_b.values())).sum())
         return {**terms_a, **terms_b}, fake_a, fake_b
 
@@ -216,7 +254,8 @@ class CycleGAN(pl.LightningModule):
 
         self.toggle_optimizer(opt_g)  # D params frozen: the G backward computes no D gradients
         opt_g.zero_grad(set_to_none=True)
-        g_terms, fake_a, fake_b = self.generator_backward(real_a, real_b, self.manual_backward)
+        extras = {k: batch[k] for k in ("mask_a", "mask_b", "paired") if k in batch}
+        g_terms, fake_a, fake_b = self.generator_backward(real_a, real_b, self.manual_backward, extras)
         loss_g = torch.stack([v.detach() for v in g_terms.values()]).sum()
         if not self._step_ok(g_terms, opt_g, "g_"):  # NaN/Inf: skip the batch, pools and weights untouched
             self.untoggle_optimizer(opt_g)

@@ -12,14 +12,24 @@ from mr2ct.nets.cpu_conv import use_fast_convs
 __all__ = ["ResnetGenerator3D", "ResnetBlock3D"]
 
 PADDING_MODES = ("reflect", "replicate", "zeros")
+#: upsampling of the decoders: transposed conv (the CycleGAN layout) or trilinear resize + conv (no checkerboard)
+UPSAMPLE_MODES = ("transpose", "resize")
 
 
 def _conv_norm_act(
     cin: int, cout: int, kernel_size: int, norm: str, *, stride: int = 1, padding: int = 0,
-    padding_mode: str = "zeros", transposed: bool = False, act: bool = True,
+    padding_mode: str = "zeros", transposed: bool = False, act: bool = True, resize: bool = False,
 ) -> list[nn.Module]:
-    """conv -> norm -> ReLU as a list of layers; the conv has a bias only when there is no norm to cancel it."""
+    """conv -> norm -> ReLU as a list of layers; the conv has a bias only when there is no norm to cancel it.
+
+    ``transposed`` upsamples by ``stride``: a transposed conv, or with ``resize`` a trilinear resize followed by
+    a stride-1 conv (a 3³ kernel does not divide by stride 2, so the transposed conv overlaps unevenly and
+    prints a checkerboard; Odena et al. 2016).
+    """
     n = norm_layer(norm, cout)
+    if transposed and resize:
+        up = nn.Upsample(scale_factor=stride, mode="trilinear", align_corners=False)
+        return [up, *_conv_norm_act(cin, cout, kernel_size, norm, padding=padding, padding_mode=padding_mode, act=act)]
     if transposed:
         conv = nn.ConvTranspose3d(
             cin, cout, kernel_size, stride=stride, padding=padding, output_padding=stride - 1, bias=n is None
@@ -105,8 +115,11 @@ class ResnetGenerator3D(nn.Module):
         padding_mode: str = "reflect",
         dropout: float = 0.0,
         checkpointing: bool = False,
+        upsample: str = "transpose",
     ) -> None:
         super().__init__()
+        if upsample not in UPSAMPLE_MODES:
+            raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {upsample!r}")
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
         if n_blocks < 0:
@@ -124,7 +137,9 @@ class ResnetGenerator3D(nn.Module):
         for mult in (4, 2):
             stages.append(
                 nn.Sequential(
-                    *_conv_norm_act(ngf * mult, ngf * mult // 2, 3, norm, stride=2, padding=1, transposed=True)
+                    *_conv_norm_act(
+                        ngf * mult, ngf * mult // 2, 3, norm, stride=2, padding=1, transposed=True, resize=upsample == "resize"
+                    )
                 )
             )
         stages.append(

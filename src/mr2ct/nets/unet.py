@@ -79,6 +79,8 @@ class UNetGenerator(nn.Module):
         num_res_units: 0 for plain conv blocks, else subunits per encoder residual unit.
         norm: ``"instance"``, ``"batch"`` or ``"none"``.
         dropout: dropout probability after each norm (0 disables it).
+        upsample: ``"transpose"`` (3³ transposed convs, MONAI's layout) or ``"resize"`` (trilinear resize then a 3³
+            conv: a 3³ kernel with stride 2 overlaps unevenly and prints a checkerboard, Odena et al. 2016).
         checkpointing: recompute every encoder/bottom/decoder block in the backward pass
             (``torch.utils.checkpoint``, non-reentrant) instead of storing its activations. Same outputs and
             gradients, lower peak memory, ~1 extra forward of compute. Only active while grad is enabled.
@@ -100,8 +102,11 @@ class UNetGenerator(nn.Module):
         norm: str = "instance",
         dropout: float = 0.0,
         checkpointing: bool = False,
+        upsample: str = "transpose",
     ) -> None:
         super().__init__()
+        if upsample not in ("transpose", "resize"):
+            raise ValueError(f"upsample must be 'transpose' or 'resize', got {upsample!r}")
         channels, strides = tuple(int(c) for c in channels), tuple(int(s) for s in strides)
         if len(channels) < 2 or len(strides) != len(channels) - 1:
             raise ValueError(f"need len(strides) == len(channels) - 1 >= 1, got channels={channels}, strides={strides}")
@@ -120,10 +125,12 @@ class UNetGenerator(nn.Module):
             return Convolution(3, cin, cout, strides=stride, kernel_size=3, **kw)
 
         def up_block(cin: int, cout: int, stride: int, is_top: bool) -> nn.Module:
-            up = Convolution(
-                3, cin, cout, strides=stride, kernel_size=3, is_transposed=True,
-                conv_only=is_top and num_res_units == 0, **kw,
-            )
+            conv_only = is_top and num_res_units == 0
+            if upsample == "resize":  # trilinear resize + conv: no checkerboard (Odena et al. 2016)
+                conv = Convolution(3, cin, cout, strides=1, kernel_size=3, conv_only=conv_only, **kw)
+                up = conv if stride == 1 else nn.Sequential(nn.Upsample(scale_factor=stride, mode="trilinear"), conv)
+            else:
+                up = Convolution(3, cin, cout, strides=stride, kernel_size=3, is_transposed=True, conv_only=conv_only, **kw)
             if num_res_units == 0:
                 return up
             ru = ResidualUnit(3, cout, cout, strides=1, kernel_size=3, subunits=1, last_conv_only=is_top, **kw)

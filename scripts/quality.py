@@ -1,0 +1,139 @@
+"""Translation quality per configuration at the same wall-clock budget and seed, on the phantom's test split.
+
+    python scripts/quality.py                                          # the README's ablation, 10 min each
+    python scripts/quality.py configs=default,mind budget_min=5 out=q.json
+    python scripts/quality.py configs=default,mind common="data.mri_contrast=t1"
+    python scripts/quality.py configs=mine mine="loss=+mind model.lr_g=1e-4"   # a configuration of your own
+
+Keys: ``configs`` (comma list of names: the presets in :data:`CONFIGS`, or names given as ``NAME="overrides"``),
+``budget_min`` (wall-clock minutes of training per configuration, Lightning's ``trainer.max_time``; default
+10, the budget of ``make train``), ``seed``, ``common`` (overrides added to every configuration), ``ckpt``
+(``last`` or ``best``: the checkpoint evaluated), ``threads`` (torch threads per run; 0 = torch's default),
+``out`` (JSON; default ``outputs/quality/<time>/quality.json``), ``keep`` (true: keep the run folders).
+
+Each configuration trains in a fresh process (``python -m mr2ct.train``) into ``<out folder>/<name>/``, stops
+at the budget (or at its schedule's end, whichever comes first), then ``python -m mr2ct.evaluate`` scores the
+checkpoint on the test split: bone Dice, MAE, PSNR, SSIM, identifiability, diversity. The evaluation, the
+segmentation and the test split are the project's own; this script only runs them. Prints a table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: the ablation in the README: each lever alone, then together. Names are stable: the README table uses them.
+CONFIGS: dict[str, str] = {
+    "old_default": "generator.norm=instance data.patches_per_epoch=null data.body_patch_prob=0 loss=default model.mask_losses=false",
+    "default": "",
+}
+
+STEPS_KEY = "global_step"
+
+
+def parse(argv: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+    keys = {"configs": "default", "budget_min": "10", "seed": "42", "common": "", "ckpt": "last", "threads": "2", "out": "", "keep": "true"}
+    custom: dict[str, str] = {}
+    for arg in argv:
+        if "=" not in arg:
+            sys.exit(f"mr2ct: error: expected key=value, got {arg!r} (see the docstring: python scripts/quality.py --help)")
+        key, value = arg.split("=", 1)
+        (keys if key in keys else custom)[key] = value
+    for name in keys["configs"].split(","):
+        if name not in CONFIGS and name not in custom:
+            sys.exit(f"mr2ct: error: unknown configuration {name!r}: one of {sorted(CONFIGS)} or give it as {name}=\"overrides\"")
+    return keys, custom
+
+
+def steps_done(ckpt: Path) -> int:
+    """Generator steps (= batches) a checkpoint has seen: Lightning counts two optimizer steps per batch."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    return int(state.get(STEPS_KEY, 0)) // 2
+
+
+def run_one(name: str, overrides: list[str], keys: dict[str, str], folder: Path) -> dict:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if int(keys["threads"]) > 0:
+        env["OMP_NUM_THREADS"] = keys["threads"]
+    budget = float(keys["budget_min"])
+    hh, mm = divmod(int(round(budget * 60)), 3600)
+    max_time = f"00:{hh:02d}:{mm // 60:02d}:{mm % 60:02d}"
+    train = [sys.executable, "-m", "mr2ct.train", *overrides, f"seed={keys['seed']}", f"trainer.max_time={max_time}",
+             f"hydra.run.dir={folder}", "callbacks.progress_bar.refresh_rate=0"]
+    t0 = time.perf_counter()
+    with open(folder.parent / f"{name}.train.log", "w") as log:
+        proc = subprocess.run(train, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    minutes = (time.perf_counter() - t0) / 60
+    if proc.returncode != 0:
+        return {"name": name, "overrides": overrides, "error": f"training exited {proc.returncode}, see {folder.parent / (name + '.train.log')}"}
+    ckpts = folder / "checkpoints"
+    ckpt = ckpts / "last.ckpt"
+    if keys["ckpt"] == "best":
+        best = sorted(ckpts.glob("best-*.ckpt"))
+        ckpt = best[-1] if best else ckpt
+    evaluate = [sys.executable, "-m", "mr2ct.evaluate", f"ckpt={ckpt}", f"hydra.run.dir={folder}/evaluate"]
+    with open(folder.parent / f"{name}.evaluate.log", "w") as log:
+        proc = subprocess.run(evaluate, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        return {"name": name, "overrides": overrides, "error": f"evaluate exited {proc.returncode}"}
+    summary = json.loads((folder / "evaluate" / "summary.json").read_text())
+    m = summary["metrics"]
+    return {
+        "name": name,
+        "overrides": overrides,
+        "dice": m["dice"]["mean"], "dice_sd": m["dice"]["std"],
+        "mae": m["mae"]["mean"], "mae_sd": m["mae"]["std"],
+        "psnr": m["psnr"]["mean"], "ssim": m["ssim"]["mean"],
+        "identifiability": summary["collapse"]["identifiability"], "diversity": summary["collapse"]["diversity"],
+        "steps": steps_done(ckpt), "train_min": round(minutes, 2), "ckpt": str(ckpt), "run": str(folder),
+    }
+
+
+def table(rows: list[dict]) -> str:
+    head = f"{'configuration':<22} {'bone Dice':>14} {'MAE HU':>12} {'PSNR':>6} {'SSIM':>6} {'ident.':>6} {'divers.':>7} {'steps':>6} {'min':>5}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['name']:<22} {r['error']}")
+            continue
+        lines.append(
+            f"{r['name']:<22} {r['dice']:>7.3f} ± {r['dice_sd']:.3f} {r['mae']:>6.1f} ± {r['mae_sd']:>3.0f} {r['psnr']:>6.2f} "
+            f"{r['ssim']:>6.3f} {r['identifiability']:>6.2f} {r['diversity']:>7.3f} {r['steps']:>6d} {r['train_min']:>5.1f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    keys, custom = parse(argv)
+    out = Path(keys["out"]) if keys["out"] else ROOT / "outputs" / "quality" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S") / "quality.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    common = shlex.split(keys["common"])
+    rows = []
+    print(f"budget {keys['budget_min']} min per configuration, seed {keys['seed']}, threads {keys['threads']}; results in {out}", flush=True)
+    for name in keys["configs"].split(","):
+        overrides = [*shlex.split(custom.get(name, CONFIGS.get(name, ""))), *common]
+        print(f"{name}: {' '.join(overrides) or '(defaults)'}", flush=True)
+        rows.append(run_one(name, overrides, keys, out.parent / name))
+        out.write_text(json.dumps({"budget_min": float(keys["budget_min"]), "seed": int(keys["seed"]), "common": common, "runs": rows}, indent=2))
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
+    print()
+    print(table(rows))
+    print(f"written: {out}")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,112 @@
+"""MIND structure loss and the paired (supervised) term: the maths, in isolation and inside the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mr2ct.data.phantom import make_phantom
+from mr2ct.losses import CycleLoss, MINDLoss, PairedLoss, mind_ssc
+from mr2ct.losses.mind import SSC_PAIRS
+
+
+@pytest.fixture(scope="module")
+def mri() -> torch.Tensor:
+    """A real structure to describe: a phantom MRI, (1, 1, 24, 24, 32) scaled to [-1, 1]."""
+    vol = torch.from_numpy(make_phantom((24, 24, 32), (6.0, 6.0, 6.0), seed=3).mri)[None, None]
+    return vol / vol.max() * 2 - 1
+
+
+def test_ssc_pairs_are_the_twelve_sqrt2_pairs():
+    assert len(SSC_PAIRS) == 12
+    for p, q in SSC_PAIRS:
+        assert sum((a - b) ** 2 for a, b in zip(p, q)) == 2
+
+
+def test_descriptor_shape_range_and_max_one(mri):
+    d = mind_ssc(mri, sigma=1.0)
+    assert d.shape == (1, 12, 24, 24, 32)
+    assert d.min() > 0 and d.max() <= 1 + 1e-6
+    assert torch.allclose(d.amax(dim=1), torch.ones(1, 24, 24, 32))  # normalised by the maximum over pairs
+
+
+def test_mind_of_an_intensity_remapped_copy_is_near_zero_and_of_a_shifted_copy_is_not(mri):
+    loss = MINDLoss(weight=5.0, sigma=1.0)
+    linear = loss(mri, -0.7 * mri + 0.2)  # any linear remap, even an inverted contrast
+    monotone = loss(mri, torch.tanh(mri))  # a non-linear but monotone remap: structure kept
+    shifted = loss(mri, torch.roll(mri, shifts=2, dims=2))  # anatomy moved by 2 voxels
+    noise = loss(mri, torch.rand_like(mri) * 2 - 1)
+    assert linear < 1e-5
+    assert monotone < 0.3 * shifted
+    assert shifted > 0.1 and noise > shifted
+
+
+def test_mind_loss_masked_and_differentiable(mri):
+    loss = MINDLoss(sigma=1.0)
+    fake = torch.roll(mri, 1, 3).requires_grad_(True)
+    mask = torch.zeros_like(mri)
+    mask[..., 8:16, 8:16, 8:24] = 1
+    inside = loss(mri, fake, mask)
+    inside.backward()
+    assert torch.isfinite(fake.grad).all() and fake.grad.abs().sum() > 0
+    # the masked mean is the mean over the mask's voxels only
+    full = (mind_ssc(fake.detach(), 1.0) - mind_ssc(mri, 1.0)).abs()
+    assert torch.allclose(inside, full[:, :, 8:16, 8:16, 8:24].mean(), atol=1e-6)
+
+
+def test_mind_of_a_constant_volume_is_finite():
+    flat = torch.zeros(1, 1, 8, 8, 8)
+    assert torch.isfinite(mind_ssc(flat)).all()
+    assert torch.isfinite(MINDLoss()(flat, torch.rand_like(flat)))
+
+
+def test_paired_term_is_zero_for_a_perfect_translation_and_l1_in_the_body():
+    ct = torch.rand(2, 1, 8, 8, 8) * 2 - 1
+    term = PairedLoss(weight=10.0)
+    assert term(ct.clone(), ct) == 0
+    off = ct + 0.5
+    body = torch.zeros_like(ct)
+    body[:, :, 2:6] = 1
+    off[:, :, :2] += 10.0  # errors outside the body do not count
+    assert torch.isclose(term(off, ct, body), torch.tensor(0.5))
+
+
+def test_masked_cycle_ignores_air():
+    real = torch.zeros(1, 1, 4, 4, 4)
+    rec = real.clone()
+    rec[..., :2] = 1.0
+    body = torch.zeros_like(real)
+    body[..., 2:] = 1
+    assert CycleLoss()(real, rec) == 0.5 and CycleLoss()(real, rec, body) == 0
+
+
+def _model(losses: dict):
+    from functools import partial
+
+    from mr2ct.losses import AdversarialLoss
+    from mr2ct.model import CycleGAN
+    from mr2ct.nets import PatchDiscriminator3D, UNetGenerator
+
+    gen = partial(UNetGenerator, channels=(4, 8, 16), strides=(2, 2))
+    disc = partial(PatchDiscriminator3D, ndf=4, n_layers=2)
+    return CycleGAN(gen, disc, {"adversarial": AdversarialLoss(), "cycle": CycleLoss(), **losses}, pool_size=0)
+
+
+def test_model_applies_mind_both_ways_and_paired_only_to_pairs():
+    torch.manual_seed(0)
+    model = _model({"mind": MINDLoss(weight=5.0, sigma=1.0), "paired": PairedLoss(weight=10.0, reverse=True)})
+    a, b = torch.rand(2, 1, 16, 16, 16) * 2 - 1, torch.rand(2, 1, 16, 16, 16) * 2 - 1
+    body = torch.ones(2, 1, 16, 16, 16)
+    unpaired = {"paired": torch.tensor([False, False]), "mask_a": body, "mask_b": body}
+    terms, fake_a, fake_b = model.generator_losses(a, b, "ab", unpaired)
+    assert {"mind_ab", "mind_ba", "paired_ab", "paired_ba"} <= set(terms)
+    assert terms["paired_ab"] == 0 and terms["paired_ba"] == 0  # no pair in the batch: no supervision
+    assert torch.isclose(terms["mind_ab"], 5.0 * MINDLoss(sigma=1.0)(a, fake_b), atol=1e-6)
+    one_pair = {**unpaired, "paired": torch.tensor([False, True])}
+    terms, fake_a, fake_b = model.generator_losses(a, b, "ab", one_pair)
+    assert torch.isclose(terms["paired_ab"], 10.0 * F.l1_loss(fake_b[1:], b[1:]), atol=1e-6)
+    assert torch.isclose(terms["paired_ba"], 10.0 * F.l1_loss(fake_a[1:], a[1:]), atol=1e-6)
+    # split halves: the A->B supervision belongs to the A half, the reverse to the B half
+    assert set(model.generator_losses(a, b, "a", one_pair)[0]) == {"adv_ab", "cycle_a", "mind_ab", "paired_ab"}
+    assert set(model.generator_losses(a, b, "b", one_pair)[0]) == {"adv_ba", "cycle_b", "mind_ba", "paired_ba"}
