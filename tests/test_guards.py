@@ -79,3 +79,68 @@ def test_nonfinite_gradient_with_finite_loss_is_named():
     assert guard._bad_in_batch == "gradient of g_ab.bias (losses finite)" and guard.skipped == 1
     with pytest.raises(ValueError):
         NonFiniteGuard(max_consecutive=0)
+
+
+@pytest.mark.parametrize("where", ["g", "d"])
+def test_skipped_batch_leaves_weights_adam_moments_and_pools_untouched(train_cfg, monkeypatch, where):
+    """A NaN in the G (or D) loss at batch 3: that batch changes no weight, no Adam moment, no history pool."""
+    import pytorch_lightning as pl
+    from hydra.utils import instantiate
+
+    bad_batch = 3
+    if where == "g":
+        inject_nan(monkeypatch, lambda m: m.trainer.fit_loop.epoch_loop.batch_idx == bad_batch)
+    else:
+        original = CycleGAN.discriminator_losses
+
+        def patched(self, *args, **kwargs):
+            terms = original(self, *args, **kwargs)
+            if self.trainer.fit_loop.epoch_loop.batch_idx == bad_batch:
+                terms["d_a"] = terms["d_a"] * float("nan")
+            return terms
+
+        monkeypatch.setattr(CycleGAN, "discriminator_losses", patched)
+
+    snapshots = {}
+
+    def snapshot(module: CycleGAN) -> dict:
+        opt_g, opt_d = module.optimizers()
+        moments = {f"{name}.{i}": v.clone() for name, opt in (("g", opt_g), ("d", opt_d))
+                   for i, st in enumerate(opt.optimizer.state.values()) for v in (st["exp_avg"], st["exp_avg_sq"])}
+        weights = {k: v.clone() for k, v in module.state_dict().items()}
+        pools = [p.clone() for pool in (module.pool_a, module.pool_b) for p in pool.images]
+        return {"weights": weights, "moments": moments, "pools": pools}
+
+    class Watch(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if batch_idx == bad_batch:
+                snapshots["before"] = snapshot(module)
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if batch_idx == bad_batch:
+                snapshots["after"] = snapshot(module)
+
+    cfg = train_cfg([*tiny(), "data.n_train=6", "model.pool_size=50", "callbacks.image_logger.every_n_batches=100"])
+    from mr2ct.train import train as run_train
+
+    monkeypatch.setattr("mr2ct.train.hydra.utils.instantiate", _with_callback(instantiate, Watch()))
+    run_train(cfg)
+    before, after = snapshots["before"], snapshots["after"]
+    assert before["moments"] and len(before["pools"]) == 2 * bad_batch  # steps were taken and pools filled before
+    # a NaN in the D loss comes after the (finite) G step: then the discriminators' side must be untouched
+    mine = (lambda k: True) if where == "g" else (lambda k: k.startswith(("d_", "d.")))
+    for key in ("weights", "moments"):
+        changed = [k for k in before[key] if mine(k) and not torch.equal(before[key][k], after[key][k])]
+        assert not changed, f"{key} changed on a skipped batch: {changed[:4]}"
+    assert len(after["pools"]) == len(before["pools"]) and all(torch.equal(a, b) for a, b in zip(before["pools"], after["pools"]))
+
+
+def _with_callback(instantiate, callback):
+    """``hydra.utils.instantiate`` that adds ``callback`` to the Trainer it builds."""
+
+    def wrapped(config, *args, **kwargs):
+        if "callbacks" in kwargs:
+            kwargs["callbacks"] = [*kwargs["callbacks"], callback]
+        return instantiate(config, *args, **kwargs)
+
+    return wrapped

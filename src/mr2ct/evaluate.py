@@ -33,7 +33,8 @@ from mr2ct.data.transforms import unit_to_hu
 from mr2ct.inference import translate_volume
 from mr2ct.io import load_generator, write_nifti
 from mr2ct.metrics import case_metrics, collapse_diagnostics, collapse_warnings, split_for_collapse, thumbnail
-from mr2ct.segment import segment_params
+from mr2ct.pictures import case_figure, summary_figure
+from mr2ct.segment import segment_bone, segment_params
 from mr2ct.translate import resolve_device
 
 log = logging.getLogger("mr2ct.evaluate")
@@ -104,7 +105,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise FileNotFoundError(f"no paired {split} data (NIfTI: set data.{split}_a and data.{split}_b)")
     params = segment_params(cfg.bone)
 
-    rows, thumbs_in, thumbs_out = [], [], []
+    rows, thumbs_in, thumbs_out, pictures = [], [], [], []
     for i, batch in enumerate(loader):
         t0 = time.perf_counter()
         real_a = torch.as_tensor(batch["a"]).float()
@@ -117,6 +118,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         row = {"case": str(batch["name"][0]) if "name" in batch else f"case_{i:03d}"}
         row.update(case_metrics(pred_hu, ref_hu, bone, mri=real_a[0, 0], segment=params))
         rows.append(row)
+        if cfg.get("pictures", True):
+            ref_bone = bone.numpy() if bone is not None else segment_bone(ref_hu.numpy(), **params)
+            pictures.append(case_figure(
+                out_dir / "pictures" / f"{row['case']}.png", real_a[0, 0].numpy(), pred_hu.numpy(), ref_hu.numpy(),
+                ref_bone, segment_bone(pred_hu.numpy(), **params),
+                title=f"{row['case']}: bone Dice {row['dice']:.3f}, MAE {row['mae']:.0f} HU",
+            ))
         thumbs_in.append(thumbnail(real_a[0, 0], int(cfg.collapse.max_side)))
         thumbs_out.append(thumbnail(fake_b[0, 0], int(cfg.collapse.max_side)))
         if cfg.save_predictions:
@@ -145,6 +153,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     for w in warnings:
         print(f"WARNING: {w}")
     print(f"written: {out_dir / 'metrics.csv'}, {out_dir / 'summary.json'}", flush=True)
+    if pictures:
+        pictures.append(summary_figure(out_dir / "pictures" / "summary.png", rows))
+        print(f"pictures: {out_dir / 'pictures'}/ ({len(pictures) - 1} cases: MRI, synthetic CT, CT, |difference|, bone outlines; summary.png)", flush=True)
     return summary
 
 

@@ -148,6 +148,7 @@ def manual_step(model: Any, opts: Sequence[torch.optim.Optimizer], real_a: Tenso
     d_terms = model.discriminator_losses(real_a, real_b, fake_a, fake_b)
     (d_terms["d_a"] + d_terms["d_b"]).backward()
     opt_d.step()
+    model.commit_pools()
     opt_d.zero_grad(set_to_none=True)
 
 

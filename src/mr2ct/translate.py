@@ -123,6 +123,11 @@ def bone_path(output: Path) -> Path:
     return output.with_name(nifti_stem(output) + "_bone" + suffix)
 
 
+def preview_path(output: Path) -> Path:
+    """``sct.nii.gz`` -> ``sct_preview.png`` (beside the synthetic CT)."""
+    return output.with_name(nifti_stem(output) + "_preview.png")
+
+
 def plan_outputs(input_path: Path, output_path: Path) -> list[tuple[Path, Path]]:
     """(input file, output file) pairs: a file to a file (or into a folder), a folder to a folder."""
     if input_path.is_dir():
@@ -151,6 +156,7 @@ def run(cfg: DictConfig) -> list[Path]:
         raise ValueError("segment=true needs direction=a2b (bone is segmented on a synthetic CT)")
     pairs = plan_outputs(Path(cfg.input), Path(cfg.output))
     targets = [out for _, out in pairs] + ([bone_path(out) for _, out in pairs] if cfg.segment else [])
+    targets += [preview_path(out) for _, out in pairs] if cfg.get("preview") else []
     existing = [str(t) for t in targets if t.exists()]
     if existing and not cfg.overwrite:
         more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
@@ -171,13 +177,19 @@ def run(cfg: DictConfig) -> list[Path]:
             generator, volume, image.affine, prep, roi, cfg.direction, float(cfg.overlap), int(cfg.sw_batch_size), str(cfg.mode), device,
             progress=bool(cfg.progress),
         )
-        del volume
         written.append(write_nifti(out, image.affine, dst, dtype=dtype, overwrite=bool(cfg.overwrite), header=image.header))
         msg = f"[{i}/{len(pairs)}] {src} -> {dst}"
         if cfg.segment:
             bone = segment_bone(out, **params)
             written.append(write_nifti(bone, image.affine, bone_path(dst), dtype="uint8", overwrite=bool(cfg.overwrite), header=image.header))
             msg += f" (+ {bone_path(dst).name}, {int(bone.sum())} bone voxels)"
+        if cfg.get("preview") and cfg.direction == "a2b":
+            from mr2ct.pictures import preview_figure
+
+            png = preview_path(dst)
+            preview_figure(png, volume, out, bone if cfg.segment else None, title=f"{src.name} -> {dst.name}")
+            msg += f" (+ {png.name})"
+        del volume, out
         print(f"{msg} {shape} in {time.perf_counter() - t0:.1f} s", flush=True)
     return written
 

@@ -233,12 +233,19 @@ class CycleGAN(pl.LightningModule):
         return {**terms_a, **terms_b}, fake_a, fake_b
 
     def discriminator_losses(self, real_a: Tensor, real_b: Tensor, fake_a: Tensor, fake_b: Tensor) -> dict[str, Tensor]:
+        """D losses on real images and on fakes drawn through the history pools, which stay unchanged until
+        :meth:`commit_pools` (called once the D step is taken: a skipped batch leaves them as they were)."""
         adv = self.losses["adversarial"]
-        fake_a, fake_b = self.pool_a.query(fake_a), self.pool_b.query(fake_b)
+        fake_a, self._pool_next_a = self.pool_a.draw(fake_a)
+        fake_b, self._pool_next_b = self.pool_b.draw(fake_b)
         return {
             "d_a": adv.discriminator_loss(self.d_a(real_a), self.d_a(fake_a)),
             "d_b": adv.discriminator_loss(self.d_b(real_b), self.d_b(fake_b)),
         }
+
+    def commit_pools(self) -> None:
+        self.pool_a.commit(self._pool_next_a)
+        self.pool_b.commit(self._pool_next_b)
 
     def _step_ok(self, terms: Mapping[str, Tensor], optimizer: Any, prefix: str = "") -> bool:
         """Ask the non-finite guard (:class:`mr2ct.guards.NonFiniteGuard`, attached at fit start) before a step."""
@@ -271,6 +278,7 @@ class CycleGAN(pl.LightningModule):
         self.manual_backward(loss_d)
         if self._step_ok(d_terms, opt_d):
             opt_d.step()
+            self.commit_pools()
         opt_d.zero_grad(set_to_none=True)
         self.untoggle_optimizer(opt_d)
 

@@ -19,23 +19,38 @@ class ImagePool:
         self.size = int(size)
         self.images: list[torch.Tensor] = []
 
-    def query(self, images: torch.Tensor) -> torch.Tensor:
-        """``images``: (B, C, X, Y, Z), detached. Returns a tensor of the same shape."""
+    def draw(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Answer a query without changing the pool: (images to show, the pool's contents after this query).
+
+        ``images``: (B, C, X, Y, Z), detached; the answer has the same shape. Pass the second value to
+        :meth:`commit` once the step that used the answer was taken (a skipped step leaves the pool as it was).
+        """
         if self.size == 0:
-            return images
+            return images, self.images
+        history = list(self.images)
         out = []
         for image in images.detach():
             image = image.unsqueeze(0)
-            if len(self.images) < self.size:
-                self.images.append(image.clone())
+            if len(history) < self.size:
+                history.append(image.clone())
                 out.append(image)
             elif torch.rand(1).item() < 0.5:
-                idx = int(torch.randint(len(self.images), (1,)).item())
-                out.append(self.images[idx].clone())
-                self.images[idx] = image.clone()
+                idx = int(torch.randint(len(history), (1,)).item())
+                out.append(history[idx].clone())
+                history[idx] = image.clone()
             else:
                 out.append(image)
-        return torch.cat(out, 0)
+        return torch.cat(out, 0), history
+
+    def commit(self, history: list[torch.Tensor]) -> None:
+        """Make the contents returned by :meth:`draw` the pool's own."""
+        self.images = history
+
+    def query(self, images: torch.Tensor) -> torch.Tensor:
+        """:meth:`draw` and :meth:`commit` at once."""
+        out, history = self.draw(images)
+        self.commit(history)
+        return out
 
     def state_dict(self) -> dict:
         return {"size": self.size, "images": [im.cpu() for im in self.images]}
