@@ -15,8 +15,9 @@ PRESETS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"
 def test_default_config_is_the_cpu_demo(train_cfg):
     cfg = train_cfg([])
     assert cfg.data._target_.endswith("PhantomDataModule")
-    assert sorted(cfg.loss) == ["adversarial", "cycle", "identity"]
-    assert cfg.loss.cycle.weight == 10.0 and cfg.loss.identity.weight == 0.5
+    assert sorted(cfg.loss) == ["adversarial", "cycle", "mind"]  # identity off: README "Translation quality"
+    assert cfg.loss.cycle.weight == 10.0 and cfg.loss.mind.weight == 5.0
+    assert cfg.data.body_patch_prob == 0.9
     assert cfg.discriminator.spectral_norm is False
     assert cfg.trainer.max_epochs == cfg.model.n_epochs + cfg.model.n_epochs_decay
     assert choose_strategy(cfg.trainer) == "auto"
@@ -27,7 +28,7 @@ def test_design_command_composes_to_intended_config(train_cfg):
     """`python -m mr2ct.train generator=unet_updated loss=+spectral trainer.devices=4`"""
     cfg = train_cfg(["generator=unet_updated", "loss=+spectral", "trainer.devices=4"])
     assert cfg.generator.num_res_units == 2 and len(cfg.generator.channels) == 5
-    assert sorted(cfg.loss) == ["adversarial", "cycle", "identity"]  # the default set ...
+    assert sorted(cfg.loss) == ["adversarial", "cycle", "mind"]  # the default set ...
     assert cfg.discriminator.spectral_norm is True  # ... plus spectral normalisation
     assert cfg.trainer.devices == 4
     assert choose_strategy(cfg.trainer) == "ddp_find_unused_parameters_true"
@@ -39,11 +40,11 @@ def test_design_command_composes_to_intended_config(train_cfg):
 @pytest.mark.parametrize(
     "overrides, terms, spectral",
     [
-        (["loss=+gc"], {"adversarial", "cycle", "identity", "gc"}, False),
-        (["loss=+perceptual"], {"adversarial", "cycle", "identity", "perceptual"}, False),
-        (["+loss=gc"], {"adversarial", "cycle", "identity", "gc"}, False),
-        (["loss=[+spectral,gc]"], {"adversarial", "cycle", "identity", "gc"}, True),
-        (["loss=[+gc,perceptual,spectral]"], {"adversarial", "cycle", "identity", "gc", "perceptual"}, True),
+        (["loss=+gc"], {"adversarial", "cycle", "mind", "gc"}, False),
+        (["loss=+perceptual"], {"adversarial", "cycle", "mind", "perceptual"}, False),
+        (["+loss=gc"], {"adversarial", "cycle", "mind", "gc"}, False),
+        (["loss=[+spectral,gc]"], {"adversarial", "cycle", "mind", "gc"}, True),
+        (["loss=[+gc,perceptual,spectral]"], {"adversarial", "cycle", "mind", "gc", "perceptual"}, True),
         (["loss=[adversarial,cycle]"], {"adversarial", "cycle"}, False),
     ],
 )

@@ -34,9 +34,10 @@ def test_image_pool_mixes_history():
     assert torch.equal(ImagePool(0).query(torch.ones(2, 1, 2, 2, 2)), torch.ones(2, 1, 2, 2, 2))
 
 
-def test_training_step_reuses_fakes_and_updates_all_nets(train_cfg):
+@pytest.mark.parametrize("loss, passes", [("default", 2), ("+identity", 3)])
+def test_training_step_reuses_fakes_and_updates_all_nets(train_cfg, loss, passes):
     """One step = 4 generator passes (+2 identity), no recomputation of fakes for the D update."""
-    cfg = train_cfg(tiny("unet"))
+    cfg = train_cfg([*tiny("unet"), f"loss={loss}"])
     model = instantiate(cfg.model, _convert_="partial")
     calls = {"g_ab": 0, "g_ba": 0}
     for name in calls:
@@ -47,7 +48,7 @@ def test_training_step_reuses_fakes_and_updates_all_nets(train_cfg):
     dm = instantiate(cfg.data)
     trainer = pl.Trainer(max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, datamodule=dm)
-    assert calls == {"g_ab": 3, "g_ba": 3}  # fake_b, rec_b, idt ; fake_a, rec_a, idt
+    assert calls == {"g_ab": passes, "g_ba": passes}  # fake_b, rec_b (, idt) ; fake_a, rec_a (, idt)
     for name, params in before.items():
         assert any(not torch.equal(p0, p1) for p0, p1 in zip(params, getattr(model, name).parameters())), name
     assert trainer.global_step == 2  # two optimizer steps per batch
@@ -77,11 +78,11 @@ def test_one_batch_fit_each_loss_add_on(train_cfg, loss):
 
 
 def test_tensorboard_holds_losses_lrs_and_images(train_cfg, tmp_path):
-    cfg = train_cfg([*tiny(), "loss=+gc"])
+    cfg = train_cfg([*tiny(), "loss=[+gc,identity]"])
     train(cfg)
     acc = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
     scalars = set(acc.Tags()["scalars"])
-    for tag in ["train/g_adv_ab", "train/g_adv_ba", "train/g_cycle_a", "train/g_cycle_b", "train/g_idt_a", "train/g_gc_ab",
+    for tag in ["train/g_adv_ab", "train/g_adv_ba", "train/g_cycle_a", "train/g_cycle_b", "train/g_idt_a", "train/g_gc_ab", "train/g_mind_ab",
                 "train/d_a", "train/d_b", "lr/g", "lr/d", "val/mae", "time/epoch_s"]:
         assert tag in scalars, (tag, scalars)
     images = acc.Tags()["images"]

@@ -263,7 +263,9 @@ class LastCheckpoint(pl.callbacks.ModelCheckpoint):
                 self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.global_step > 0 and self._last_global_step_saved != trainer.global_step:
+        # skipped when this step is on disk already (validation's checkpoint at the schedule's end)
+        saved = {getattr(cb, "_last_global_step_saved", None) for cb in trainer.checkpoint_callbacks}
+        if trainer.global_step > 0 and trainer.global_step not in saved:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     @property
