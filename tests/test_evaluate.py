@@ -80,3 +80,23 @@ def test_evaluate_on_paired_nifti_folders_without_bone_masks(trained, tmp_path):
     GlobalHydra.instance().clear()
     assert summary["n_cases"] == 2 and set(summary["metrics"]) == {"mae", "psnr", "ssim", "dice", "dice_mri"}
     assert (tmp_path / "eval" / "metrics.csv").is_file()
+
+
+def test_evaluate_without_test_folders_refuses_instead_of_scoring_validation(trained, tmp_path):
+    """data=nifti with validation folders only: the test split is empty, never the validation volumes."""
+    out, _ = trained
+    for folder in ("mri", "ct"):
+        (tmp_path / folder).mkdir()
+    p = make_phantom((24, 24, 32), (6.0, 6.0, 6.0), seed=1)
+    nib.save(nib.Nifti1Image(p.mri, np.diag([6.0, 6.0, 6.0, 1.0])), tmp_path / "mri" / "s1.nii.gz")
+    nib.save(nib.Nifti1Image(p.ct, np.diag([6.0, 6.0, 6.0, 1.0])), tmp_path / "ct" / "s1.nii.gz")
+    ckpt = f"ckpt={out / 'checkpoints' / 'last.ckpt'}"
+    folders = ["data=nifti", f"data.val_a={tmp_path / 'mri'}", f"data.val_b={tmp_path / 'ct'}"]
+    res = run_cli(["mr2ct.evaluate", ckpt, *folders, f"hydra.run.dir={tmp_path / 'eval'}"])
+    assert res.returncode == 2, res.stderr[-2000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("mr2ct: error:")]
+    assert len(errors) == 1 and "no paired test data" in errors[0] and "data.test_a" in errors[0]
+    assert not (tmp_path / "eval" / "metrics.csv").exists()
+    res = run_cli(["mr2ct.evaluate", ckpt, *folders, "split=val", f"hydra.run.dir={tmp_path / 'eval_val'}"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "s1" in (tmp_path / "eval_val" / "metrics.csv").read_text()

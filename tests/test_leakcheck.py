@@ -71,3 +71,12 @@ def test_augment_split_leakcheck_train_end_to_end(tmp_path, train_cfg):
     guard_on[1] = f"data.split_file={leaky}"
     with pytest.raises(LeakError, match=f"{test_subject}_rot01"):
         train(train_cfg(guard_on))
+
+    # validation against test: an augmented copy of a validation subject listed as a test case
+    split = json.loads(split_path.read_text())
+    val_subject = split["subjects"]["val"][0]
+    copy = f"{val_subject}_rot01.nii.gz"
+    split["test"].append({"a": f"mri/{copy}", "b": f"ct/{copy}", "name": f"{val_subject}_rot01"})
+    leaky.write_text(json.dumps(split))
+    with pytest.raises(LeakError, match=f"{val_subject}_rot01"):
+        train(train_cfg(guard_on))

@@ -233,27 +233,29 @@ class LeakError(ConfigError):
 
 
 def guard(datamodule: Any, settings: Settings = Settings()) -> None:
-    """``data.leakcheck=true``: compare each training domain with the validation and test volumes of that domain.
+    """``data.leakcheck=true``: per domain, training (unpaired and paired) against validation and test, and
+    validation against test.
 
     Needs file records (the NIfTI data module); raises :class:`LeakError` listing the pairs.
     """
     pairs = []
     for domain in ("a", "b"):
         train = [r["image"] for r in datamodule.records(f"train_{domain}") if "image" in r]
-        held = [r[domain] for split in ("val", "test") for r in datamodule.records(split) if domain in r]
-        pairs.append((train, sorted(set(held))))
+        train += [r[domain] for r in datamodule.records("train_pairs") if domain in r]
+        val, test = ([r[domain] for r in datamodule.records(split) if domain in r] for split in ("val", "test"))
+        pairs += [(sorted(set(train)), sorted(set(val + test))), (sorted(set(val)), sorted(set(test)))]
     if not any(train and held for train, held in pairs):
         log.warning("data.leakcheck: no training and evaluation files to compare (file-based data only)")
         return
     leaks = check(pairs, settings)
     if leaks:
         raise LeakError(format_leaks(leaks) + "\nremove them (or split by subject: python -m mr2ct.split) before training")
-    log.info("data.leakcheck: no near-copies of validation/test volumes in the training data")
+    log.info("data.leakcheck: no near-copies of validation/test volumes in the training data, none of test in validation")
 
 
 def format_leaks(leaks: Sequence[Leak]) -> str:
     lines = [f"  {leak.score:.3f}  train {leak.train}  ~  test {leak.test}  (test rotated {list(leak.angle_deg)} deg)" for leak in leaks]
-    return "\n".join([f"{len(leaks)} training volume(s) look like copies of test volumes (score  train  ~  test):", *lines])
+    return "\n".join([f"{len(leaks)} volume(s) look like copies of held-out volumes (score  train  ~  test; train/val ~ val/test):", *lines])
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="leakcheck")
