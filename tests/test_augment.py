@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 
-from mr2ct.config import PROJECT_ROOT
 from mr2ct.data.augment import augment_folder, intensity_range, load_volume, read_manifest, sha256_file, write_phantom_nifti
 
 SHAPE, SPACING = (24, 24, 32), (6.0, 6.0, 6.0)
@@ -66,10 +65,13 @@ def test_noise_is_drawn_in_normalised_units_and_written_in_input_units(raw, tmp_
 
 def test_cli_writes_the_recipe(raw, tmp_path):
     out = tmp_path / "aug"
-    cmd = [sys.executable, str(PROJECT_ROOT / "scripts" / "augment.py"), f"in={raw / 'mri'}", f"out={out}", "rotations=1", "noise_copies=1"]
+    cmd = [sys.executable, "-m", "mr2ct.augment", f"input={raw / 'mri'}", f"output={out}", "rotations=1", "noise_copies=1"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert len(read_manifest(out / "manifest.csv")) == 2 * 3
     assert sorted(p.name for p in out.glob("*.nii.gz"))[:3] == ["sub001.nii.gz", "sub001_noise00.nii.gz", "sub001_rot00.nii.gz"]
-    bad = subprocess.run([*cmd[:2], f"in={tmp_path / 'nope'}", f"out={out}"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    stamps = {p: p.stat().st_mtime_ns for p in out.iterdir()}
+    again = subprocess.run([*cmd, "seed=3"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert again.returncode == 2 and "output exists" in again.stderr and {p: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+    bad = subprocess.run([*cmd[:3], f"input={tmp_path / 'nope'}", f"output={tmp_path / 'x'}"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.startswith("mr2ct: error:") and "Traceback" not in bad.stderr

@@ -61,6 +61,39 @@ def truncated(path: Path) -> None:
     path.write_bytes(raw[: len(raw) // 2])
 
 
+def nan_mri(path: Path) -> Path:
+    return nifti(path, np.where(np.arange(24 * 24 * 32).reshape(SHAPE) == 7, np.nan, np.ones(SHAPE)))
+
+
+def dicom(folder: Path, **damage) -> Path:
+    """A DICOM series of SHAPE (as a scanner writes it), optionally with a missing or shifted slice."""
+    from test_formats import write_dicom_series
+
+    write_dicom_series(folder, np.random.default_rng(2).integers(0, 500, SHAPE).astype(np.float32), np.diag([2.0, 2.0, 2.0, 1.0]), **damage)
+    return folder
+
+
+def two_series(folder: Path) -> Path:
+    dicom(folder, series_uid="1.2.9.1")
+    for p in folder.iterdir():
+        p.rename(p.with_name("a_" + p.name))
+    return dicom(folder, series_uid="1.2.9.2")
+
+
+def tool(module: str, t: Path, inp: Path, out: str = "out.nii.gz", ckpt: bool = True) -> tuple[str, list[str]]:
+    """translate (with a checkpoint) or segment of ``inp`` into ``t/out``."""
+    args = [f"input={inp}", f"output={t / out}", f"hydra.run.dir={t / 'run'}"]
+    return module, ([f"ckpt={small_checkpoint(t)}"] if ckpt and module == "translate" else []) + args
+
+
+def evaluate_case(t: Path, bad: Callable[[Path], Path]) -> tuple[str, list[str]]:
+    """evaluate on NIfTI test folders whose MRI folder holds one bad file beside a good pair."""
+    mri, cts = data_dirs(t)
+    bad(mri / "s9.nii.gz")
+    nifti(cts / "s9.nii.gz", ct())
+    return "evaluate", [f"ckpt={small_checkpoint(t)}", "data=nifti", f"data.test_a={mri}", f"data.test_b={cts}", f"hydra.run.dir={t / 'run'}"]
+
+
 def small_checkpoint(tmp: Path, channels: str = "[4,8,16]") -> Path:
     """A checkpoint as train writes it (weights + mr2ct_config), built without training."""
     cfg = compose_train_cfg([*tiny(), f"generator.channels={channels}"], tmp / "ckrun")
@@ -124,7 +157,7 @@ CASES = {
     ),
     "paired loss without pairs": (case_train(lambda t, a: [*a, "loss=+paired"]), "loss=+paired needs registered training pairs"),
     "missing data folder": (case_train(lambda t, a: [*a, f"data.train_a={t / 'nope'}"]), "data folder does not exist"),
-    "empty data folder": (case_train(lambda t, a: [*a, f"data.train_a={(t / 'empty').mkdir() or t / 'empty'}"]), "no .nii/.nii.gz files in data folder"),
+    "empty data folder": (case_train(lambda t, a: [*a, f"data.train_a={(t / 'empty').mkdir() or t / 'empty'}"]), "no volumes in data folder"),
     "not NIfTI": (case_train(lambda t, a: (t / "mri" / "notes.nii.gz").write_text("hello") and a), "notes.nii.gz: not a readable NIfTI file"),
     "truncated NIfTI": (case_train(lambda t, a: truncated(t / "mri" / "cut.nii.gz") or a), "cut.nii.gz: not a readable NIfTI file"),
     "2D image": (case_train(lambda t, a: nifti(t / "mri" / "flat.nii.gz", np.ones((24, 24))) and a), "flat.nii.gz: expected a 3-D volume, got shape [24, 24] (2-D)"),
@@ -135,13 +168,13 @@ CASES = {
     "size-1 axis": (case_train(lambda t, a: nifti(t / "mri" / "slab.nii.gz", np.ones((24, 24, 1))) and a), "slab.nii.gz: degenerate volume of shape [24, 24, 1]"),
     "patch not divisible by stride": (case_train(lambda t, a: [*a, "data.patch_size=[18,16,16]"]), "must be divisible by the generator's total stride 4"),
     "negative loss weight": (case_train(lambda t, a: [*a, "loss.cycle.weight=-1"]), "loss.cycle.weight must be >= 0"),
-    "resume checkpoint missing": (case_train(lambda t, a: [*a, f"ckpt_path={t / 'none.ckpt'}"]), "checkpoint not found"),
-    "resume checkpoint corrupt": (case_train(lambda t, a: (t / "bad.ckpt").write_bytes(b"\x00" * 100) and [*a, f"ckpt_path={t / 'bad.ckpt'}"]), "bad.ckpt is corrupt or truncated"),
+    "resume checkpoint missing": (case_train(lambda t, a: [*a, f"ckpt={t / 'none.ckpt'}"]), "checkpoint not found"),
+    "resume checkpoint corrupt": (case_train(lambda t, a: (t / "bad.ckpt").write_bytes(b"\x00" * 100) and [*a, f"ckpt={t / 'bad.ckpt'}"]), "bad.ckpt is corrupt or truncated"),
     "resume checkpoint of another architecture": (
-        case_train(lambda t, a: [*a, f"ckpt_path={small_checkpoint(t, '[8,8,16]')}"]),
+        case_train(lambda t, a: [*a, f"ckpt={small_checkpoint(t, '[8,8,16]')}"]),
         "model.ckpt belongs to another model architecture: g_ab.",
     ),
-    "resume malicious checkpoint": (case_train(lambda t, a: [*a, f"ckpt_path={malicious_checkpoint(t)}"]), "refusing to load checkpoint"),
+    "resume malicious checkpoint": (case_train(lambda t, a: [*a, f"ckpt={malicious_checkpoint(t)}"]), "refusing to load checkpoint"),
     "translate checkpoint missing": (
         lambda t: ("translate", [f"ckpt={t / 'none.ckpt'}", f"input={nifti(t / 'in.nii.gz', np.ones(SHAPE))}", f"output={t / 'out.nii.gz'}", f"hydra.run.dir={t / 'run'}"]),
         "checkpoint not found",
@@ -154,6 +187,20 @@ CASES = {
         lambda t: ("translate", [f"ckpt={malicious_checkpoint(t)}", f"input={nifti(t / 'in.nii.gz', np.ones(SHAPE))}", f"output={t / 'out.nii.gz'}", f"hydra.run.dir={t / 'run'}"]),
         "refusing to load checkpoint",
     ),
+    "DICOM series with a missing slice": (case_train(lambda t, a: dicom(t / "mri" / "dcm", skip=5) and a), "dcm: missing slice in series"),
+    "DICOM series with uneven spacing": (case_train(lambda t, a: dicom(t / "ct" / "dcm", shift_slice=5) and a), "dcm: uneven slice spacing in series"),
+    "translate NaN voxel": (lambda t: tool("translate", t, nan_mri(t / "in.nii.gz")), "in.nii.gz: 1 voxels are NaN or infinite"),
+    "translate truncated input": (lambda t: tool("translate", t, truncated(t / "cut.nii.gz") or t / "cut.nii.gz"), "cut.nii.gz: not a readable NIfTI file"),
+    "translate unknown input type": (lambda t: ((t / "in.txt").write_text("x") and None) or tool("translate", t, t / "in.txt"), "in.txt: unknown file type"),
+    "translate unknown output type": (lambda t: tool("translate", t, nifti(t / "in.nii.gz", np.ones(SHAPE)), out="sct.png"), "sct.png: unknown output type"),
+    "translate two DICOM series into one file": (lambda t: tool("translate", t, two_series(t / "study")), "holds several volumes, so output must be a folder"),
+    "segment NaN voxel": (lambda t: tool("segment", t, nan_mri(t / "in.nii.gz")), "in.nii.gz: 1 voxels are NaN or infinite"),
+    "segment truncated input": (lambda t: tool("segment", t, truncated(t / "cut.nii.gz") or t / "cut.nii.gz"), "cut.nii.gz: not a readable NIfTI file"),
+    "segment unknown input type": (lambda t: ((t / "in.txt").write_text("x") and None) or tool("segment", t, t / "in.txt"), "in.txt: unknown file type"),
+    "segment unknown output type": (lambda t: tool("segment", t, nifti(t / "in.nii.gz", ct()), out="bone.png"), "bone.png: unknown output type"),
+    "segment two DICOM series where one is expected": (lambda t: tool("segment", t, two_series(t / "study")), "holds 2 DICOM series where one volume is expected"),
+    "evaluate NaN voxel": (lambda t: evaluate_case(t, nan_mri), "s9.nii.gz: 1 voxels are NaN or infinite"),
+    "evaluate truncated input": (lambda t: evaluate_case(t, truncated), "s9.nii.gz: not a readable NIfTI file"),
     "translate output exists": (
         lambda t: ("translate", [f"ckpt={small_checkpoint(t)}", f"input={nifti(t / 'in.nii.gz', np.ones(SHAPE))}", f"output={nifti(t / 'out.nii.gz', np.zeros(SHAPE))}", f"hydra.run.dir={t / 'run'}"]),
         "output exists",
@@ -180,10 +227,10 @@ def test_bad_input_one_line_error(name, tmp_path, capsys):
 
 
 def test_ct_not_in_hounsfield_units_warns(tmp_path):
-    from mr2ct.data.checks import CheckVolumed, SafeLoadImaged
+    from mr2ct.data.checks import CheckVolumed, LoadVolumed
 
     path = nifti(tmp_path / "ct01.nii.gz", np.random.default_rng(0).random(SHAPE))  # values in [0, 1]
-    load = SafeLoadImaged(["b"], image_only=True, ensure_channel_first=True)
+    load = LoadVolumed(["b"])
     with pytest.warns(UserWarning, match=r"ct01.nii.gz: CT values range \[.*\]: not Hounsfield units"):
         CheckVolumed(["b"], (16, 16, 16))(load({"b": str(path)}))
     with warnings.catch_warnings():

@@ -25,15 +25,16 @@ def test_train_cli_prints_where_results_are(tmp_path):
 
 
 def test_design_command_trains_with_ddp_on_cpu(tmp_path):
-    """`generator=unet_updated loss=+spectral trainer.devices=N` on CPU processes (gloo)."""
+    """`generator=unet_updated loss=+spectral trainer.devices=N` on CPU processes (gloo), with the MIND term on."""
     run = tmp_path / "ddp"
-    args = ["generator=unet_updated", "loss=+spectral", "trainer.devices=2", *tiny("unet_updated"), "data.n_train=4", f"hydra.run.dir={run}"]
+    args = ["generator=unet_updated", "loss=[+spectral,mind]", "trainer.devices=2", *tiny("unet_updated"), "data.n_train=4", f"hydra.run.dir={run}"]
     proc = run_cli(["mr2ct.train", *args], timeout=900)
     _ok(proc)
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     # 4 samples over 2 processes at batch 1: 2 batches per process, 2 optimizer steps each
     assert ckpt["global_step"] == 4
     assert any("parametrizations" in k for k in ckpt["state_dict"])  # spectral norm in D
+    assert "mind" in ckpt["mr2ct_config"]["loss"]
 
 
 def test_multirun_sweeps_each_job_into_its_own_folder(tmp_path):

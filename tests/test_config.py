@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from mr2ct.config import CONFIG_DIR, ConfigError, choose_strategy, validate
 
@@ -15,8 +16,8 @@ PRESETS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"
 def test_default_config_is_the_cpu_demo(train_cfg):
     cfg = train_cfg([])
     assert cfg.data._target_.endswith("PhantomDataModule")
-    assert sorted(cfg.loss) == ["adversarial", "cycle", "mind"]  # identity off: README "Translation quality"
-    assert cfg.loss.cycle.weight == 10.0 and cfg.loss.mind.weight == 5.0
+    assert sorted(cfg.loss) == ["adversarial", "cycle"]  # identity off, MIND optional: README "Translation quality"
+    assert cfg.loss.cycle.weight == 10.0
     assert cfg.data.body_patch_prob == 0.9
     assert cfg.discriminator.spectral_norm is False
     assert cfg.trainer.max_epochs == cfg.model.n_epochs + cfg.model.n_epochs_decay
@@ -28,7 +29,7 @@ def test_design_command_composes_to_intended_config(train_cfg):
     """`python -m mr2ct.train generator=unet_updated loss=+spectral trainer.devices=4`"""
     cfg = train_cfg(["generator=unet_updated", "loss=+spectral", "trainer.devices=4"])
     assert cfg.generator.num_res_units == 2 and len(cfg.generator.channels) == 5
-    assert sorted(cfg.loss) == ["adversarial", "cycle", "mind"]  # the default set ...
+    assert sorted(cfg.loss) == ["adversarial", "cycle"]  # the default set ...
     assert cfg.discriminator.spectral_norm is True  # ... plus spectral normalisation
     assert cfg.trainer.devices == 4
     assert choose_strategy(cfg.trainer) == "ddp_find_unused_parameters_true"
@@ -40,11 +41,11 @@ def test_design_command_composes_to_intended_config(train_cfg):
 @pytest.mark.parametrize(
     "overrides, terms, spectral",
     [
-        (["loss=+gc"], {"adversarial", "cycle", "mind", "gc"}, False),
-        (["loss=+perceptual"], {"adversarial", "cycle", "mind", "perceptual"}, False),
-        (["+loss=gc"], {"adversarial", "cycle", "mind", "gc"}, False),
-        (["loss=[+spectral,gc]"], {"adversarial", "cycle", "mind", "gc"}, True),
-        (["loss=[+gc,perceptual,spectral]"], {"adversarial", "cycle", "mind", "gc", "perceptual"}, True),
+        (["loss=+gc"], {"adversarial", "cycle", "gc"}, False),
+        (["loss=+perceptual"], {"adversarial", "cycle", "perceptual"}, False),
+        (["+loss=gc"], {"adversarial", "cycle", "gc"}, False),
+        (["loss=[+spectral,gc]"], {"adversarial", "cycle", "gc"}, True),
+        (["loss=[+gc,perceptual,spectral]"], {"adversarial", "cycle", "gc", "perceptual"}, True),
         (["loss=[adversarial,cycle]"], {"adversarial", "cycle"}, False),
     ],
 )
@@ -95,3 +96,56 @@ def test_original_presets_carry_the_notes_numbers(train_cfg):
 def test_invalid_configs_are_refused_before_work(train_cfg, overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         validate(train_cfg(overrides))
+
+
+def test_a_users_own_experiment_joins_through_config_dir():
+    """README: an experiment file kept outside the package, found by --config-dir, overrides packaged groups."""
+    from conftest import run_cli
+
+    examples = Path(__file__).resolve().parents[1] / "examples" / "conf"
+    res = run_cli(["mr2ct.train", "--config-dir", str(examples), "experiment=my_lab", "--cfg", "job"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    cfg = OmegaConf.create(res.stdout)
+    assert cfg.data._target_.endswith("NiftiDataModule") and list(cfg.data.patch_size) == [64, 64, 64]
+    assert cfg.discriminator.spectral_norm is True and cfg.generator.num_res_units == 2 and cfg.tags == ["my_lab"]
+
+
+def test_max_epochs_that_fights_the_schedule_is_refused_naming_the_schedule_keys(train_cfg):
+    validate(train_cfg(["model.n_epochs=3", "model.n_epochs_decay=2"]))  # max_epochs follows: 5
+    with pytest.raises(ConfigError, match=r"trainer.max_epochs=7 would fight the LR schedule.*model.n_epochs / model.n_epochs_decay"):
+        validate(train_cfg(["trainer.max_epochs=7"]))
+
+
+def test_command_line_vocabulary():
+    """Renamed keys name their successor; any Lightning Trainer argument is accepted as trainer.X."""
+    from mr2ct.cli import UsageError, prepare_argv
+
+    assert prepare_argv("train", ["x", "trainer.gradient_clip_val=1.0", "trainer.devices=2", "data.batch_size=1"]) == [
+        "x", "++trainer.gradient_clip_val=1.0", "++trainer.devices=2", "data.batch_size=1"]
+    with pytest.raises(UsageError, match="trainer.learning_rate is not an argument of Lightning's Trainer"):
+        prepare_argv("train", ["x", "trainer.learning_rate=1"])
+    with pytest.raises(UsageError, match="ckpt_path= is now ckpt="):
+        prepare_argv("train", ["x", "ckpt_path=last"])
+    for tool, old, new in [("augment", "in", "input"), ("augment", "out", "output"), ("translate", "ckpt_path", "ckpt")]:
+        with pytest.raises(UsageError, match=f"{old}= is now {new}="):
+            prepare_argv(tool, ["x", f"{old}=a"])
+    assert prepare_argv("leakcheck", ["x", "train=a", "test=b"]) == ["x", "train=a", "test=b"]
+
+
+def test_any_trainer_argument_reaches_lightning_from_the_command_line(tmp_path):
+    from conftest import run_cli
+
+    res = run_cli(["mr2ct.train", "trainer.detect_anomaly=true", "trainer.max_time=00:00:30:00", "--cfg", "job"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    cfg = OmegaConf.create(res.stdout)
+    assert cfg.trainer.detect_anomaly is True and cfg.trainer.max_time == "00:00:30:00"
+
+
+def test_selection_and_early_stopping_on_bone_dice(train_cfg):
+    import pytorch_lightning as pl
+
+    cfg = train_cfg(["callbacks=select_on_dice"])
+    assert cfg.callbacks.model_checkpoint.monitor == "val/dice" and cfg.callbacks.model_checkpoint.mode == "max"
+    stop = instantiate(cfg.callbacks.early_stopping)
+    assert isinstance(stop, pl.callbacks.EarlyStopping) and stop.monitor == "val/dice" and stop.mode == "max"
+    assert "nonfinite_guard" in cfg.callbacks  # the default callbacks stay

@@ -43,9 +43,22 @@ def test_export_round_trip_matches_checkpoint(trained, tmp_path, capsys):
         with torch.no_grad():
             assert torch.equal(from_ckpt(x), from_st(x))
     assert cfg["model"]["inference"]["roi_size"] == [16, 16, 16]
+    card = out.with_suffix(".md").read_text()
+    assert "not for diagnosis" in card and "UNetGenerator" in card and "procedural spine phantoms" in card
+    assert "Not evaluated" in card  # no evaluate/summary.json in the run folder
     # a second export refuses to overwrite
     code, err = run_main("export", [f"ckpt={trained}", f"output={out}", f"hydra.run.dir={tmp_path / 'run'}"], capsys)
     assert code == 2 and "output exists" in err
+
+
+def test_model_card_quotes_the_evaluation(trained, tmp_path, capsys):
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"split": "test", "n_cases": 4, "metrics": {"dice": {"mean": 0.61, "std": 0.05}, "mae": {"mean": 118.0, "std": 9.0}}}))
+    out = tmp_path / "m.safetensors"
+    code, err = run_main("export", [f"ckpt={trained}", f"output={out}", f"evaluation={summary}", f"hydra.run.dir={tmp_path / 'run'}"], capsys)
+    assert code == 0, err
+    card = out.with_suffix(".md").read_text()
+    assert "4 test cases" in card and "dice: 0.61 ± 0.05" in card and "mae: 118 ± 9" in card
 
 
 def test_translate_accepts_exported_model(trained, tmp_path, capsys):

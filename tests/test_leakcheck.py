@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import run_cli, tiny
-from mr2ct.data.augment import augment_folder, list_nifti, nifti_stem, subject_id, write_phantom_nifti
+from mr2ct.data.augment import augment_folder, subject_id, write_phantom_nifti
+from mr2ct.formats import list_volumes, volume_stem
 from mr2ct.leakcheck import LeakError, Settings, score_matrix
 from mr2ct.split import make_split, write_split
 from mr2ct.train import train
@@ -31,10 +32,10 @@ def phantoms(tmp_path_factory):
 
 
 def test_recall_and_false_positive_rate_on_phantoms(phantoms):
-    test = list_nifti(phantoms / "test")
-    train = list_nifti(phantoms / "copies") + list_nifti(phantoms / "others")
+    test = list_volumes(phantoms / "test")
+    train = list_volumes(phantoms / "copies") + list_volumes(phantoms / "others")
     scores, _ = score_matrix(train, test, Settings())
-    copy = np.array([[subject_id(nifti_stem(a)) == nifti_stem(b) for b in test] for a in train])
+    copy = np.array([[subject_id(volume_stem(a)) == volume_stem(b) for b in test] for a in train])
     flagged = scores >= Settings().threshold
     assert copy.sum() == 4 * 21
     assert flagged[copy].all(), f"recall {flagged[copy].mean():.3f}, lowest copy score {scores[copy].min():.3f}"

@@ -78,7 +78,7 @@ def test_one_batch_fit_each_loss_add_on(train_cfg, loss):
 
 
 def test_tensorboard_holds_losses_lrs_and_images(train_cfg, tmp_path):
-    cfg = train_cfg([*tiny(), "loss=[+gc,identity]"])
+    cfg = train_cfg([*tiny(), "loss=[+gc,identity,mind]"])
     train(cfg)
     acc = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
     scalars = set(acc.Tags()["scalars"])
@@ -99,7 +99,7 @@ def test_resume_continues_at_same_step_and_learning_rate(train_cfg, tmp_path):
     ckpt = torch.load(last, weights_only=False)
     assert ckpt["epoch"] == 1 and ckpt["global_step"] == 2 * 2 * 2
     assert "image_pools" in ckpt and len(ckpt["image_pools"]["a"]["images"]) > 0
-    metrics = train(train_cfg([*base, "ckpt_path=last"]))  # max_epochs = 3 from the schedule
+    metrics = train(train_cfg([*base, "ckpt=last"]))  # max_epochs = 3 from the schedule
     ckpt = torch.load(last, weights_only=False)
     assert ckpt["epoch"] == 2 and ckpt["global_step"] == 3 * 2 * 2
     # the third epoch (index 2) of a 1 + 2 schedule runs at 1/3 of the base LR
@@ -117,8 +117,22 @@ def test_bf16_optimizer_state_trains_checkpoints_and_resumes_either_way(train_cf
         return {s[k].dtype for opt in ckpt["optimizer_states"] for s in opt["state"].values() for k in ("exp_avg", "exp_avg_sq")}
 
     assert moment_dtypes() == {torch.bfloat16}
-    train(train_cfg([*base, "ckpt_path=last"]))  # back to PyTorch's fp32 Adam
+    train(train_cfg([*base, "ckpt=last"]))  # back to PyTorch's fp32 Adam
     assert moment_dtypes() == {torch.float32}
     ckpt = torch.load(last, weights_only=False)
     assert ckpt["global_step"] == 2 * 2
     assert all(g["fused"] for opt in ckpt["optimizer_states"] for g in opt["param_groups"])  # fused kernel again
+
+
+def test_csv_and_mlflow_loggers_hold_losses_validation_and_config(train_cfg, tmp_path):
+    cfg = train_cfg([*tiny(), "logger=[csv,mlflow]", "callbacks.image_logger.every_n_batches=1"])
+    train(cfg)
+    csv_text = (tmp_path / "run" / "csv" / "metrics.csv").read_text()
+    assert "train/loss_g" in csv_text.splitlines()[0] and "val/mae" in csv_text.splitlines()[0]
+    assert "generator/channels" in (tmp_path / "run" / "csv" / "hparams.yaml").read_text()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("mr2ct").experiment_id])
+    assert {"train/loss_g", "val/mae"} <= set(run.data.metrics) and run.data.params["loss/cycle/weight"] == "10.0"
+    assert any((tmp_path / "mlartifacts").rglob("*.png"))  # the slice images, as MLflow artifacts

@@ -79,8 +79,8 @@ def test_sigkill_mid_epoch_then_resume_completes(tmp_path):
     killed_at = final_step(run_dir)
     assert 6 <= killed_at < EXPECTED_STEPS
 
-    # ckpt_path=<run dir> resumes <run dir>/checkpoints/last.ckpt and writes into that same folder
-    res = run_cli(["mr2ct.train", *RUN, f"ckpt_path={run_dir}"])
+    # ckpt=<run dir> resumes <run dir>/checkpoints/last.ckpt and writes into that same folder
+    res = run_cli(["mr2ct.train", *RUN, f"ckpt={run_dir}"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"run folder:   {run_dir}" in res.stdout
     assert_all_checkpoints_readable(run_dir)
@@ -109,7 +109,7 @@ def test_sigterm_saves_checkpoint_and_exits(tmp_path):
     assert 4 <= stopped_at < LONG_N_TRAIN * EPOCHS * 2 and stopped_at % 2 == 0  # a whole batch, not half
 
     # resume for two more batches: it continues from the saved step, in the same folder
-    res = run_cli(["mr2ct.train", *RUN, *long_epoch, f"trainer.max_steps={stopped_at + 4}", f"ckpt_path={run_dir}/checkpoints/last.ckpt"])
+    res = run_cli(["mr2ct.train", *RUN, *long_epoch, f"trainer.max_steps={stopped_at + 4}", f"ckpt={run_dir}/checkpoints/last.ckpt"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert final_step(run_dir) == stopped_at + 4
 
@@ -117,7 +117,7 @@ def test_sigterm_saves_checkpoint_and_exits(tmp_path):
 def test_extending_a_finished_run_recomputes_the_schedule(train_cfg, tmp_path):
     base = [*tiny(), "trainer.limit_train_batches=1"]
     train(train_cfg([*base, "model.n_epochs=1", "model.n_epochs_decay=0"]))  # finished: 1 epoch
-    metrics = train(train_cfg([*base, "model.n_epochs=1", "model.n_epochs_decay=2", "ckpt_path=last"]))
+    metrics = train(train_cfg([*base, "model.n_epochs=1", "model.n_epochs_decay=2", "ckpt=last"]))
     ckpt = safe_torch_load(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert ckpt["epoch"] == 2 and ckpt["global_step"] == 3 * 2
     # epochs 1 and 2 of the new 1 + 2 schedule run at 2/3 and 1/3 of the base LR
@@ -145,9 +145,9 @@ def test_resume_argv_points_hydra_at_the_run_folder(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "last.ckpt").write_bytes(b"")
-    out = resume_argv(["train.py", "a=1", f"ckpt_path={run}"])
-    assert f"ckpt_path={run.resolve() / 'checkpoints' / 'last.ckpt'}" in out and f"hydra.run.dir={run.resolve()}" in out
-    out = resume_argv(["train.py", f"ckpt_path={run}/checkpoints/last.ckpt"])
+    out = resume_argv(["train.py", "a=1", f"ckpt={run}"])
+    assert f"ckpt={run.resolve() / 'checkpoints' / 'last.ckpt'}" in out and f"hydra.run.dir={run.resolve()}" in out
+    out = resume_argv(["train.py", f"ckpt={run}/checkpoints/last.ckpt"])
     assert f"hydra.run.dir={run.resolve()}" in out
-    assert resume_argv(["train.py", "ckpt_path=last"]) == ["train.py", "ckpt_path=last"]
-    assert resume_argv(["train.py", f"ckpt_path={run}", "hydra.run.dir=/x"]) == ["train.py", f"ckpt_path={run}", "hydra.run.dir=/x"]
+    assert resume_argv(["train.py", "ckpt=last"]) == ["train.py", "ckpt=last"]
+    assert resume_argv(["train.py", f"ckpt={run}", "hydra.run.dir=/x"]) == ["train.py", f"ckpt={run}", "hydra.run.dir=/x"]

@@ -81,8 +81,14 @@ def test_nifti_datamodule_reads_the_split_file(dataset, train_cfg, tmp_path):
 
 
 def test_cli_writes_a_split_file(dataset, tmp_path):
-    res = run_cli(["mr2ct.split", f"in={dataset}", "test_fraction=0.34", "val_fraction=0", f"out={tmp_path / 'split.json'}"])
+    args = [f"input={dataset}", "test_fraction=0.34", "val_fraction=0", f"output={tmp_path / 'split.json'}"]
+    res = run_cli(["mr2ct.split", *args])
     assert res.returncode == 0, res.stderr
     assert "data.split_file=" in res.stdout and len(read_split(tmp_path / "split.json")["test"]) == 2
-    bad = run_cli(["mr2ct.split", f"in={dataset}", "test_fraction=0.99"])
+    before = (tmp_path / "split.json").read_bytes()
+    again = run_cli(["mr2ct.split", *args, "seed=5"])  # an existing split file is never replaced silently
+    assert again.returncode == 2 and "output exists" in again.stderr and (tmp_path / "split.json").read_bytes() == before
+    bad = run_cli(["mr2ct.split", f"input={dataset}", "test_fraction=0.99"])
     assert bad.returncode == 2 and bad.stderr.startswith("mr2ct: error:")
+    old = run_cli(["mr2ct.split", f"in={dataset}"])  # the key of earlier versions names its successor
+    assert old.returncode == 2 and old.stderr.strip() == f"mr2ct: error: in= is now input= (the same key in every tool): input={dataset}"

@@ -99,3 +99,33 @@ def test_cli_writes_sct_and_bone_and_never_overwrites(ckpt, mri, tmp_path):
 
     bad = run_cli(["mr2ct.translate", f"ckpt={tmp_path / 'missing.ckpt'}", f"input={src}", f"output={tmp_path / 'x.nii.gz'}", f"hydra.run.dir={tmp_path / 'h2'}"])
     assert bad.returncode == 2 and "mr2ct: error: checkpoint not found" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_every_format_in_gives_the_same_synthetic_ct_and_a_folder_run_skips_bad_files(ckpt, mri, tmp_path):
+    """NIfTI, MetaImage, NRRD and a DICOM series of one MRI: the same sCT, each written in the format asked."""
+    from test_formats import write_dicom_series
+
+    from mr2ct.formats import read_volume, write_volume
+
+    affine = np.array([[0, -2.0, 0, 40], [1.5, 0, 0, -30], [0, 0, 2.5, 12], [0, 0, 0, 1]])
+    vol = np.rint(mri)  # integer-valued: exact in DICOM's int16 pixels
+    src = tmp_path / "in"
+    write_volume(vol, affine, src / "a.nii.gz")
+    write_volume(vol, affine, src / "b.mha")
+    write_volume(vol, affine, src / "c.nrrd")
+    write_dicom_series(src / "d", vol, affine)
+    nib.save(nib.Nifti1Image(np.where(vol > vol.mean(), np.nan, vol).astype(np.float32), affine), src / "e_nan.nii.gz")
+    res = run_cli(["mr2ct.translate", f"ckpt={ckpt}", f"input={src}", f"output={tmp_path / 'out'}", "progress=false", f"hydra.run.dir={tmp_path / 'h'}"])
+    assert res.returncode == 2, res.stderr[-2000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("mr2ct: error:")]
+    assert "e_nan.nii.gz: " in errors[0] and "NaN" in errors[0] and "1 of 5 inputs failed" in errors[-1], errors
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["a.nii.gz", "b.mha", "c.nrrd", "d.nii.gz"]  # the good ones, each in its input's format (DICOM -> NIfTI)
+    results = [read_volume(tmp_path / "out" / name) for name in written]
+    for (array, out_affine), name in zip(results, written):
+        np.testing.assert_allclose(out_affine, affine, atol=1e-4, err_msg=name)
+        np.testing.assert_array_equal(array, results[0][0], err_msg=name)
+
+    one = run_cli(["mr2ct.translate", f"ckpt={ckpt}", f"input={src / 'd'}", f"output={tmp_path / 'sct.mha'}", "progress=false", f"hydra.run.dir={tmp_path / 'h2'}"])
+    assert one.returncode == 0 and (tmp_path / "sct.mha").is_file(), one.stderr[-2000:]  # a file, not a folder named sct.mha
+    np.testing.assert_array_equal(read_volume(tmp_path / "sct.mha")[0], results[0][0])

@@ -13,7 +13,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.loggers import MLFlowLogger, TensorBoardLogger
 from torch import Tensor
 
 
@@ -40,7 +40,7 @@ def slice_grid(volumes: list[Tensor]) -> Tensor:
 
 
 class ImageLogger(pl.Callback):
-    """Every ``every_n_batches`` training batches, log mid-slices of the first sample to TensorBoard.
+    """Every ``every_n_batches`` training batches, log mid-slices of the first sample (TensorBoard, MLflow).
 
     Rows: real A, fake B, reconstructed A, real B, fake A, reconstructed B (all three orientations).
     The extra generator passes run without gradients and only on logging steps.
@@ -52,7 +52,7 @@ class ImageLogger(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.every_n_batches <= 0 or trainer.fit_loop.total_batch_idx % self.every_n_batches != 0:
             return
-        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, (TensorBoardLogger, MLFlowLogger))]
         if not loggers or not trainer.is_global_zero:
             return
         real_a, real_b = batch["a"][:1], batch["b"][:1]
@@ -66,7 +66,11 @@ class ImageLogger(pl.Callback):
         pl_module.train(was_training)
         grid = slice_grid([v[0, 0] for v in (real_a, fake_b, rec_a, real_b, fake_a, rec_b)])
         for lg in loggers:
-            lg.experiment.add_image("train/a_fakeb_reca__b_fakea_recb", grid, trainer.global_step, dataformats="HW")
+            if isinstance(lg, TensorBoardLogger):
+                lg.experiment.add_image("train/a_fakeb_reca__b_fakea_recb", grid, trainer.global_step, dataformats="HW")
+            else:  # MLflow keeps images as artifacts, one per logging step
+                image = (grid.detach().float().cpu().clamp(0, 1).numpy() * 255).astype("uint8")
+                lg.experiment.log_image(lg.run_id, image, key="train_a_fakeb_reca__b_fakea_recb", step=trainer.global_step)
 
 
 class EpochTimer(pl.Callback):
@@ -210,7 +214,7 @@ class ValidationNiftiWriter(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         from mr2ct.data.transforms import unit_to_hu
-        from mr2ct.io import write_nifti
+        from mr2ct.formats import write_volume
 
         if trainer.sanity_checking or not trainer.is_global_zero or batch_idx >= self.n_volumes or not self._due(trainer):
             return
@@ -222,12 +226,12 @@ class ValidationNiftiWriter(pl.Callback):
         affine = batch["a"].affine[0].cpu().numpy() if hasattr(batch["a"], "affine") else torch.eye(4).numpy()
         name = str(names[0])
         sct = unit_to_hu(outputs["fake_b"][0, 0].detach().float().cpu(), window).numpy()
-        write_nifti(sct, affine, root / f"epoch{trainer.current_epoch:03d}" / f"{name}_sct.nii.gz", dtype="int16", overwrite=True)
+        write_volume(sct, affine, root / f"epoch{trainer.current_epoch:03d}" / f"{name}_sct.nii.gz", dtype="int16", overwrite=True)
         ref = root / "reference"
         if not (ref / f"{name}_ct.nii.gz").exists():
-            write_nifti(torch.as_tensor(batch["a"])[0, 0].float().cpu().numpy(), affine, ref / f"{name}_mri_normalised.nii.gz", overwrite=True)
+            write_volume(torch.as_tensor(batch["a"])[0, 0].float().cpu().numpy(), affine, ref / f"{name}_mri_normalised.nii.gz", overwrite=True)
             ct = unit_to_hu(torch.as_tensor(batch["b"])[0, 0].float().cpu(), window).numpy()
-            write_nifti(ct, affine, ref / f"{name}_ct.nii.gz", dtype="int16", overwrite=True)
+            write_volume(ct, affine, ref / f"{name}_ct.nii.gz", dtype="int16", overwrite=True)
 
 
 class LastCheckpoint(pl.callbacks.ModelCheckpoint):

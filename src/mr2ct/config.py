@@ -12,9 +12,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-#: repository root (holds conf/); entry points use it as the default project root for outputs/
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-CONFIG_DIR = str(PROJECT_ROOT / "conf")
+_SOURCE_ROOT = Path(__file__).resolve().parents[2]
+#: where outputs/ goes by default: the repository in a source checkout, the launch folder for an installed package
+PROJECT_ROOT = _SOURCE_ROOT if (_SOURCE_ROOT / "pyproject.toml").is_file() and (_SOURCE_ROOT / "src" / "mr2ct").is_dir() else Path.cwd()
+#: the packaged configs (shipped in the wheel); users add their own with --config-dir or hydra.searchpath
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 
 if not OmegaConf.has_resolver("add"):
     OmegaConf.register_new_resolver("add", lambda *xs: sum(xs))
@@ -62,6 +64,14 @@ def choose_strategy(trainer_cfg: DictConfig, multirun: bool = False) -> Any:
 
 def validate(cfg: DictConfig) -> None:
     """Checks that would otherwise fail hours into a run (or silently do the wrong thing)."""
+    model, trainer = cfg.get("model") or {}, cfg.get("trainer") or {}
+    if "n_epochs" in model and trainer.get("max_epochs") not in (None, -1):
+        schedule = int(model.n_epochs) + int(model.n_epochs_decay)
+        if int(trainer.max_epochs) != schedule:
+            raise ConfigError(
+                f"trainer.max_epochs={trainer.max_epochs} would fight the LR schedule, which lasts model.n_epochs + model.n_epochs_decay "
+                f"= {schedule} epochs: set model.n_epochs / model.n_epochs_decay instead (or trainer.max_time / trainer.max_steps to stop earlier)"
+            )
     patch = list(cfg.data.patch_size)
     if len(patch) != 3 or any(int(p) <= 0 for p in patch):
         raise ConfigError(f"data.patch_size must be 3 positive integers, got {patch}")
@@ -113,11 +123,25 @@ def validate(cfg: DictConfig) -> None:
 def exit_on_user_error(*errors: type[BaseException]) -> Iterator[None]:
     """Entry points: a user error (bad path, bad option, bad file) becomes one line on stderr, exit 2.
 
-    Anything else is a bug and keeps its traceback.
+    Anything else is a bug and keeps its traceback. An :class:`InputError` that MONAI wrapped on its way
+    out of a transform chain (``RuntimeError("applying transform ...")``) counts as the user error it is.
     """
     try:
         yield
-    except errors as err:
-        logging.getLogger("mr2ct").error(str(err))
-        print(f"mr2ct: error: {err}", file=sys.stderr)
+    except Exception as err:
+        user_err: BaseException | None = err if isinstance(err, errors) else _wrapped_input_error(err)
+        if user_err is None:
+            raise
+        logging.getLogger("mr2ct").error(str(user_err))
+        print(f"mr2ct: error: {user_err}", file=sys.stderr)
         sys.exit(2)
+
+
+def _wrapped_input_error(err: BaseException | None) -> InputError | None:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, InputError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None

@@ -28,10 +28,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mr2ct.config import CONFIG_DIR, exit_on_user_error, set_project_root
+from mr2ct.config import CONFIG_DIR, exit_on_user_error
 from mr2ct.data.transforms import unit_to_hu
 from mr2ct.inference import translate_volume
-from mr2ct.io import load_generator, write_nifti
+from mr2ct.formats import write_volume
+from mr2ct.io import load_generator
 from mr2ct.metrics import case_metrics, collapse_diagnostics, collapse_warnings, split_for_collapse, thumbnail
 from mr2ct.pictures import case_figure, summary_figure
 from mr2ct.segment import segment_bone, segment_params
@@ -129,7 +130,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         thumbs_out.append(thumbnail(fake_b[0, 0], int(cfg.collapse.max_side)))
         if cfg.save_predictions:
             affine = batch["a"].affine[0].numpy() if hasattr(batch["a"], "affine") else np.eye(4)
-            write_nifti(pred_hu.numpy(), affine, out_dir / "predictions" / f"{row['case']}_sct.nii.gz", dtype="int16", overwrite=True)
+            write_volume(pred_hu.numpy(), affine, out_dir / "predictions" / f"{row['case']}_sct.nii.gz", dtype="int16", overwrite=True)
         log.info("%s: %s (%.1f s)", row["case"], {k: round(v, 4) for k, v in row.items() if k != "case"}, time.perf_counter() - t0)
 
     summary: dict[str, Any] = {"ckpt": str(cfg.ckpt), "split": split, "n_cases": len(rows), "roi_size": roi}
@@ -166,5 +167,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    set_project_root()
-    main()
+    from mr2ct.cli import run_tool
+
+    run_tool("evaluate")

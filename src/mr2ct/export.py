@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from mr2ct.config import CONFIG_DIR, InputError, exit_on_user_error, set_project_root
+from mr2ct.config import CONFIG_DIR, InputError, exit_on_user_error
 
 
 FORMAT = "mr2ct-generators"
@@ -150,15 +150,59 @@ def export_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def export(ckpt_path: str | Path, output: str | Path, overwrite: bool = False) -> tuple[Path, Path]:
-    """Write the generators of a training checkpoint as ``output`` (.safetensors) + ``output.json``."""
+def model_card(run_config: Mapping[str, Any], ckpt: Mapping[str, Any], ckpt_path: Path, evaluation: Mapping[str, Any] | None) -> str:
+    """A Markdown model card: what the model was trained on and how, its evaluation when known, its limits."""
+    data, model = run_config.get("data", {}), run_config.get("model", {})
+    source = str(data.get("_target_", "?")).rsplit(".", 1)[-1]
+    if "Phantom" in source:
+        trained_on = (f"procedural spine phantoms (mr2ct.data.phantom), {data.get('n_train')} volumes per domain, "
+                      f"MRI contrast {data.get('mri_contrast', 't2')}, paired share {data.get('paired_fraction', 0)}")
+    else:
+        folders = {k: data.get(k) for k in ("train_a", "train_b", "train_pairs_a", "train_pairs_b", "split_file") if data.get(k)}
+        trained_on = "volume folders " + ", ".join(f"{k}={Path(str(v)).name}" for k, v in folders.items())
+    losses = ", ".join(f"{name} (weight {cfg.get('weight', '-')})" for name, cfg in (run_config.get("loss") or {}).items() if isinstance(cfg, Mapping))
+    gen = run_config.get("generator", {})
+    lines = [
+        "# mr2ct model card",
+        "",
+        "**For research only; not a medical device and not for diagnosis or treatment planning.** A synthetic CT",
+        "made from an MRI can show bone where there is none and miss bone that is there; check it against images.",
+        "",
+        "## Model",
+        f"- Generators: `{str(gen.get('_target_', '?')).rsplit('.', 1)[-1]}` MRI->CT (`g_ab`) and CT->MRI (`g_ba`), "
+        f"channels {gen.get('channels')}, norm {gen.get('norm')}",
+        f"- Losses: {losses or '?'}",
+        f"- Training: {ckpt.get('epoch', '?')} epochs, {int(ckpt.get('global_step', 0)) // 2} generator steps, "
+        f"patch {data.get('patch_size')}, batch {data.get('batch_size')}, lr_g {model.get('lr_g')}",
+        f"- Source checkpoint: `{ckpt_path.name}`",
+        "",
+        "## Data",
+        f"- Trained on: {trained_on}",
+        f"- Preprocessing: orientation {data.get('orientation', 'RAS')}, spacing {data.get('spacing')}, CT window {data.get('ct_window')} HU, "
+        f"MRI percentiles {data.get('mri_percentiles')}",
+        "",
+        "## Evaluation",
+    ]
+    metrics = (evaluation or {}).get("metrics") or {}
+    if metrics:
+        lines.append(f"`mr2ct-evaluate` on {evaluation.get('n_cases')} {evaluation.get('split')} cases (mean ± sd):")
+        lines += [f"- {name}: {m['mean']:.4g} ± {m['std']:.2g}" for name, m in metrics.items()]
+    else:
+        lines.append("Not evaluated when exported: run `mr2ct-evaluate ckpt=...` on held-out paired data.")
+    return "\n".join(lines) + "\n"
+
+
+def export(ckpt_path: str | Path, output: str | Path, overwrite: bool = False, evaluation: str | Path | None = None) -> tuple[Path, Path]:
+    """Write the generators of a training checkpoint as ``output`` (.safetensors) + ``output.json`` + a model card
+    ``output.md`` quoting ``evaluation`` (a ``summary.json`` of evaluate; default: ``<run>/evaluate/summary.json``
+    when that exists)."""
     from safetensors.torch import save_file
 
     output = Path(output)
     if not output.name.endswith(".safetensors"):
         raise InputError(f"output must end with .safetensors: {output}")
-    meta_path = output.with_suffix(".json")
-    for path in (output, meta_path):
+    meta_path, card_path = output.with_suffix(".json"), output.with_suffix(".md")
+    for path in (output, meta_path, card_path):
         if path.exists() and not overwrite:
             raise FileExistsError(f"output exists: {path} (pass overwrite=true to replace it)")
     ckpt = safe_torch_load(ckpt_path)
@@ -183,6 +227,10 @@ def export(ckpt_path: str | Path, output: str | Path, overwrite: bool = False) -
     finally:
         tmp.unlink(missing_ok=True)
     meta_path.write_text(json.dumps(config, indent=2))
+    summary = Path(evaluation) if evaluation else Path(ckpt_path).resolve().parent.parent / "evaluate" / "summary.json"
+    if evaluation and not summary.is_file():
+        raise FileNotFoundError(f"evaluation summary not found: {summary}")
+    card_path.write_text(model_card(run_config, ckpt, Path(ckpt_path), json.loads(summary.read_text()) if summary.is_file() else None))
     return output, meta_path
 
 
@@ -222,10 +270,11 @@ def load_exported(path: str | Path, direction: str = "a2b", map_location: str | 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
 def main(cfg: DictConfig) -> None:
     with exit_on_user_error(InputError, FileNotFoundError, FileExistsError):
-        out, meta = export(cfg.ckpt, cfg.output, overwrite=bool(cfg.overwrite))
-    print(f"mr2ct: exported generators to {out} (config: {meta})")
+        out, meta = export(cfg.ckpt, cfg.output, overwrite=bool(cfg.overwrite), evaluation=cfg.get("evaluation"))
+    print(f"mr2ct: exported generators to {out} (config: {meta}, model card: {meta.with_suffix('.md')})")
 
 
 if __name__ == "__main__":
-    set_project_root()
-    main()
+    from mr2ct.cli import run_tool
+
+    run_tool("export")

@@ -8,7 +8,7 @@
   boundary and saves ``last.ckpt``; :class:`RngStateCheckpoint` stores the random generators in it.
 - :class:`NonFiniteGuard`: a batch with a non-finite loss or gradient is skipped and counted; after
   ``max_consecutive`` bad batches in a row training stops with :class:`NonFiniteError`.
-- :func:`resume_argv`: ``ckpt_path=<run dir>`` makes a resumed launch write into the original run folder.
+- :func:`resume_argv`: ``ckpt=<run dir>`` makes a resumed launch write into the original run folder.
 """
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ class NonFiniteGuard(pl.Callback):
 
 # -- resuming into the original run folder ---------------------------------------------------------
 def _run_dir_of(value: str) -> Path | None:
-    """The run folder a ``ckpt_path`` value points into: ``<run>`` itself or ``<run>/checkpoints/x.ckpt``."""
+    """The run folder a ``ckpt`` value points into: ``<run>`` itself or ``<run>/checkpoints/x.ckpt``."""
     path = Path(value).expanduser()
     if path.is_dir() and (path / "checkpoints").is_dir():
         return path.resolve()
@@ -238,8 +238,8 @@ def _run_dir_of(value: str) -> Path | None:
 def resume_argv(argv: list[str]) -> list[str]:
     """Rewrite a training command line so a resume writes into the run folder it resumes.
 
-    ``ckpt_path=<run dir>`` (meaning ``<run dir>/checkpoints/last.ckpt``) or
-    ``ckpt_path=<run dir>/checkpoints/<file>.ckpt`` add ``hydra.run.dir=<run dir>`` (unless given) and
+    ``ckpt=<run dir>`` (meaning ``<run dir>/checkpoints/last.ckpt``) or
+    ``ckpt=<run dir>/checkpoints/<file>.ckpt`` add ``hydra.run.dir=<run dir>`` (unless given) and
     keep the original ``.hydra/`` by writing this launch's config to ``.hydra/resume-<time>/``.
     Anything else is returned unchanged.
     """
@@ -247,14 +247,14 @@ def resume_argv(argv: list[str]) -> list[str]:
     if any(a in ("-m", "--multirun") or a.startswith(("hydra.run.dir=", "hydra/run.dir=")) for a in args[1:]):
         return args
     for i, arg in enumerate(args[1:], start=1):
-        if not arg.startswith("ckpt_path="):
+        if not arg.startswith("ckpt="):
             continue
         value = arg.split("=", 1)[1].strip("'\"")
         run_dir = _run_dir_of(value) if value not in ("", "last", "null") else None
         if run_dir is None:
             return args
         if Path(value).is_dir():
-            args[i] = f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"
+            args[i] = f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}"
         stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
         return [*args, f"hydra.run.dir={run_dir}", f"hydra.output_subdir=.hydra/resume-{stamp}"]
     return args

@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from mr2ct.config import CONFIG_DIR, ConfigError, exit_on_user_error, set_project_root
-from mr2ct.data.augment import list_nifti, load_volume
+from mr2ct.config import CONFIG_DIR, ConfigError, exit_on_user_error
+from mr2ct.data.augment import load_volume
+from mr2ct.formats import list_volumes
 
 log = logging.getLogger("mr2ct.leakcheck")
 
@@ -263,7 +264,7 @@ def main(cfg: DictConfig) -> None:
     with exit_on_user_error(FileNotFoundError, ValueError):
         if not cfg.get("train") or not cfg.get("test"):
             raise FileNotFoundError("leakcheck needs train=DIR and test=DIR (folders of .nii/.nii.gz)")
-        leaks = check([(list_nifti(cfg.train), list_nifti(cfg.test))], settings_from(cfg))
+        leaks = check([(list_volumes(cfg.train), list_volumes(cfg.test))], settings_from(cfg))
     if leaks:
         print(format_leaks(leaks), flush=True)
         sys.exit(1)
@@ -271,5 +272,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    set_project_root()
-    main()
+    from mr2ct.cli import run_tool
+
+    run_tool("leakcheck")

@@ -24,7 +24,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from mr2ct.config import CONFIG_DIR, ConfigError, exit_on_user_error, set_project_root, validate
+from mr2ct.config import CONFIG_DIR, ConfigError, exit_on_user_error, validate
 from mr2ct.profiling import GB, fit_overhead, runtime_rss, trace_step
 
 log = logging.getLogger("mr2ct.plan")
@@ -122,5 +122,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    set_project_root()
-    main()
+    from mr2ct.cli import run_tool
+
+    run_tool("plan")

@@ -28,7 +28,7 @@ import numpy as np
 from omegaconf import DictConfig
 from scipy import ndimage
 
-from mr2ct.config import CONFIG_DIR, exit_on_user_error, set_project_root
+from mr2ct.config import CONFIG_DIR, exit_on_user_error
 
 
 METHODS = ("otsu", "multiotsu")
@@ -176,17 +176,21 @@ def segment_params(cfg: Any) -> dict[str, Any]:
 
 def run(cfg: DictConfig) -> Path:
     """Segment ``cfg.input`` into ``cfg.output`` (uint8, the input's affine)."""
-    from mr2ct.io import read_nifti, write_nifti
+    from mr2ct.data.checks import check_volume
+    from mr2ct.formats import nifti_header, output_suffix, read_volume, write_volume
 
     params = segment_params(cfg.bone)
     if params["method"] not in METHODS:
         raise ValueError(f"unknown segmentation method {params['method']!r}; choose one of {METHODS}")
     out = Path(cfg.output)
+    output_suffix(out)  # an extension we cannot write: refused before any work
     if out.exists() and not cfg.overwrite:
         raise FileExistsError(f"output exists: {out} (pass overwrite=true to replace it)")
-    volume, image = read_nifti(cfg.input)
+    volume, affine = read_volume(cfg.input)
+    check_volume(volume, str(cfg.input))
     bone = segment_bone(volume, **params)
-    write_nifti(bone, image.affine, out, dtype="uint8", overwrite=bool(cfg.overwrite), header=image.header)
+    header = nifti_header(cfg.input) if str(out).endswith((".nii", ".nii.gz")) else None
+    write_volume(bone, affine, out, dtype="uint8", overwrite=bool(cfg.overwrite), header=header)
     print(f"mr2ct: wrote {out} ({int(bone.sum())} bone voxels, {params['method']})", flush=True)
     return out
 
@@ -198,5 +202,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    set_project_root()
-    main()
+    from mr2ct.cli import run_tool
+
+    run_tool("segment")

@@ -3,7 +3,7 @@
 ``DIR`` holds one folder per domain (``a=mri``, ``b=ct``, optionally ``bone=...`` masks); the files of
 both domains are grouped by source subject, and whole subjects are drawn for validation and test, so
 every augmented copy of a subject lands on the same side. Subject ids come from each folder's
-``manifest.csv`` (written by ``scripts/augment.py``) or, for files it does not list, from ``pattern``
+``manifest.csv`` (written by ``mr2ct-augment``) or, for files it does not list, from ``pattern``
 (a regex whose first group is the subject id of a file stem).
 
 Only subjects with files in both domains can be validation/test subjects (evaluation is paired); of
@@ -27,8 +27,9 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from mr2ct.config import CONFIG_DIR, exit_on_user_error, set_project_root
-from mr2ct.data.augment import MANIFEST, SUBJECT_PATTERN, list_nifti, nifti_stem, read_manifest, read_split, subject_id  # noqa: F401
+from mr2ct.config import CONFIG_DIR, exit_on_user_error
+from mr2ct.data.augment import MANIFEST, SUBJECT_PATTERN, read_manifest, read_split, subject_id  # noqa: F401
+from mr2ct.formats import list_volumes, volume_stem
 
 
 DEFAULT_PATTERN = SUBJECT_PATTERN
@@ -48,13 +49,13 @@ def subjects_of(folder: str | Path, manifest: str | Path | None = None, pattern:
     elif manifest:
         raise FileNotFoundError(f"manifest not found: {path}")
     out = {}
-    for f in list_nifti(folder):
+    for f in list_volumes(folder):
         if f.name in rows:
             row = rows[f.name]
             out[f] = (row["subject"], row.get("augmentation", "original") == "original")
         else:
-            sid = subject_id(nifti_stem(f), pattern)
-            out[f] = (sid, sid == nifti_stem(f))
+            sid = subject_id(volume_stem(f), pattern)
+            out[f] = (sid, sid == volume_stem(f))
     return out
 
 
@@ -73,7 +74,7 @@ def make_split(
     root = Path(root)
     folders = {"a": root / a, "b": root / b}
     files = {d: subjects_of(f, manifest, pattern) for d, f in folders.items()}
-    bones = {nifti_stem(p): p for p in list_nifti(root / bone)} if bone else {}
+    bones = {volume_stem(p): p for p in list_volumes(root / bone)} if bone else {}
     subjects = sorted({s for d in files.values() for s, _ in d.values()})
     by_subject = {d: {s: [f for f, (sid, _) in files[d].items() if sid == s] for s in subjects} for d in files}
     paired = [s for s in subjects if by_subject["a"][s] and by_subject["b"][s]]
@@ -94,19 +95,19 @@ def make_split(
     train = sorted(set(subjects) - set(held["test"]) - set(held["val"]))
 
     def pairs(subject: str) -> tuple[list[dict[str, str]], list[Path]]:
-        stems_b = {nifti_stem(f): f for f in by_subject["b"][subject]}
-        cands = [(f, stems_b[nifti_stem(f)]) for f in by_subject["a"][subject] if nifti_stem(f) in stems_b]
+        stems_b = {volume_stem(f): f for f in by_subject["b"][subject]}
+        cands = [(f, stems_b[volume_stem(f)]) for f in by_subject["a"][subject] if volume_stem(f) in stems_b]
         originals = [(fa, fb) for fa, fb in cands if files["a"][fa][1] and files["b"][fb][1]]
         chosen = originals or cands
         if not chosen:
             raise ValueError(f"subject {subject}: no MRI and CT share a file stem (paired files need one)")
         recs = []
         for fa, fb in chosen:
-            rec = {"a": str(fa), "b": str(fb), "name": nifti_stem(fa)}
+            rec = {"a": str(fa), "b": str(fb), "name": volume_stem(fa)}
             if bone:
-                if nifti_stem(fa) not in bones:
+                if volume_stem(fa) not in bones:
                     raise FileNotFoundError(f"no bone mask in {root / bone} for {fa.name}")
-                rec["bone"] = str(bones[nifti_stem(fa)])
+                rec["bone"] = str(bones[volume_stem(fa)])
             recs.append(rec)
         used = {f for pair in chosen for f in pair}
         rest = [f for d in ("a", "b") for f in by_subject[d][subject] if f not in used]
@@ -142,9 +143,11 @@ def _relative(split: dict[str, Any], base: Path) -> dict[str, Any]:
     return out
 
 
-def write_split(split: dict[str, Any], path: str | Path) -> Path:
+def write_split(split: dict[str, Any], path: str | Path, overwrite: bool = True) -> Path:
     """Write ``split`` as JSON with paths relative to the file's folder (the folder tree can move)."""
     path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"output exists: {path} (pass overwrite=true to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_relative(split, path.parent.resolve()), indent=1))
     return path
@@ -152,12 +155,12 @@ def write_split(split: dict[str, Any], path: str | Path) -> Path:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="split")
 def main(cfg: DictConfig) -> None:
-    with exit_on_user_error(FileNotFoundError, ValueError):
+    with exit_on_user_error(FileNotFoundError, FileExistsError, ValueError):
         split = make_split(
-            cfg["in"], cfg.a, cfg.b, cfg.get("bone"), cfg.get("manifest"), cfg.pattern,
+            cfg.input, cfg.a, cfg.b, cfg.get("bone"), cfg.get("manifest"), cfg.pattern,
             float(cfg.test_fraction), float(cfg.val_fraction), int(cfg.seed),
         )
-        out = write_split(split, cfg.out or Path(cfg["in"]) / "split.json")
+        out = write_split(split, cfg.output or Path(cfg.input) / "split.json", overwrite=bool(cfg.overwrite))
     s = split["subjects"]
     print(
         f"mr2ct split: {len(s['train'])} train / {len(s['val'])} val / {len(s['test'])} test subjects; "
@@ -169,5 +172,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    set_project_root()
-    main()
+    from mr2ct.cli import run_tool
+
+    run_tool("split")

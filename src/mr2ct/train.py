@@ -54,15 +54,15 @@ def run_info() -> dict[str, Any]:
 
 
 def resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
-    """``ckpt_path=last`` means this run folder's last.ckpt; anything else is a path (or null)."""
-    if cfg.get("ckpt_path") in (None, ""):
+    """``ckpt=last`` means this run folder's last.ckpt; anything else is a path (or null)."""
+    if cfg.get("ckpt") in (None, ""):
         return None
-    if cfg.ckpt_path == "last":
+    if cfg.ckpt == "last":
         path = output_dir / "checkpoints" / "last.ckpt"
     else:
-        path = Path(cfg.ckpt_path)
+        path = Path(cfg.ckpt)
     if not path.is_file():
-        hint = " (ckpt_path=last means this launch's run folder; resume an earlier run with ckpt_path=<its run folder>)" if cfg.ckpt_path == "last" else ""
+        hint = " (ckpt=last means this launch's run folder; resume an earlier run with ckpt=<its run folder>)" if cfg.ckpt == "last" else ""
         raise FileNotFoundError(f"checkpoint not found: {path}{hint}")
     return str(path)
 
@@ -129,6 +129,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         info_path.write_text(json.dumps(run_info(), indent=2))
         if hydra_cfg is None:  # Hydra already saved .hydra/config.yaml otherwise
             OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+    for lg in loggers:  # the resolved config as hyperparameters, in every tracker
+        lg.log_hyperparams(config_params(cfg))
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
@@ -146,6 +148,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 lines.append(f"best ckpt:    {ckpt_cb.best_model_path} ({ckpt_cb.monitor}={float(ckpt_cb.best_model_score):.2f})")
         print("\n".join(["", "mr2ct: training finished", *lines]), flush=True)
     return metrics
+
+
+def config_params(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved run config flattened to ``group/key`` parameters (what trackers show as hyperparameters)."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}/{k}" if prefix else str(k))
+        else:
+            flat[prefix] = node if isinstance(node, (int, float, str, bool)) or node is None else str(node)
+
+    walk({k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in cfg if k not in ("hydra", "paths")}, "")
+    return flat
 
 
 #: set when run as ``python -m mr2ct.train``; in-process callers (tests, notebooks) get SystemExit instead
@@ -186,14 +203,22 @@ def main(cfg: DictConfig) -> float | None:
         _remove_fresh_run_dir(output_dir)  # a no-op in a run folder that already holds checkpoints
         _hard_exit(2)
     except SIGTERMException:
-        print(f"mr2ct: stopped; resume with: python -m mr2ct.train <same overrides> ckpt_path={output_dir}", file=sys.stderr)
+        print(f"mr2ct: stopped; resume with: python -m mr2ct.train <same overrides> ckpt={output_dir}", file=sys.stderr)
         sys.exit(143)
     # returned for Hydra sweepers that optimise a value
     return metrics.get("val/mae")
 
 
-if __name__ == "__main__":
+def run_cli() -> None:
+    """``python -m mr2ct.train`` and ``mr2ct-train``: this process is ours to end."""
+    global _OWN_PROCESS
     _OWN_PROCESS = True
     set_project_root()
-    sys.argv = resume_argv(sys.argv)  # ckpt_path=<run dir>: continue in that folder
+    sys.argv = resume_argv(sys.argv)  # ckpt=<run dir>: continue in that folder
     main()
+
+
+if __name__ == "__main__":
+    from mr2ct.cli import run_tool
+
+    run_tool("train")

@@ -1,10 +1,16 @@
-"""Translate whole NIfTI volumes with a trained generator: ``python -m mr2ct.translate ckpt=... input=... output=...``.
+"""Translate whole volumes with a trained generator: ``python -m mr2ct.translate ckpt=... input=... output=...``.
 
 Examples::
 
     python -m mr2ct.translate ckpt=outputs/train/runs/X/checkpoints/last.ckpt input=mri.nii.gz output=sct.nii.gz
+    python -m mr2ct.translate ckpt=... input=mri.mha output=sct.mha                 # MetaImage in and out
+    python -m mr2ct.translate ckpt=... input=dicom/series_dir output=sct.nii.gz     # a DICOM series
     python -m mr2ct.translate ckpt=... input=mri_folder/ output=sct_folder/ segment=true device=cuda
     python -m mr2ct.translate ckpt=... input=ct.nii.gz output=smri.nii.gz direction=b2a
+
+Inputs: NIfTI, MetaImage, NRRD, DICOM series (:mod:`mr2ct.formats`); an output takes the format of its
+extension; in a folder run each output keeps its input's format (DICOM gives ``.nii.gz``). A bad file in
+a folder run is reported and skipped; the run exits non-zero at the end.
 
 The training preprocessing is applied and inverted on the way out (MONAI invertible transforms):
 reorientation to the training orientation, resampling to the training spacing when the run resampled
@@ -16,6 +22,7 @@ stitched on the CPU.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,10 +37,15 @@ from monai.transforms import Compose, Orientation, ScaleIntensityRangePercentile
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from mr2ct.config import CONFIG_DIR, exit_on_user_error, set_project_root
+from mr2ct.config import CONFIG_DIR, exit_on_user_error
 from mr2ct.data.transforms import hu_to_unit, unit_to_hu
 from mr2ct.inference import translate_volume
-from mr2ct.io import is_nifti, load_generator, nifti_stem, read_nifti, write_nifti
+from mr2ct.config import InputError
+from mr2ct.data.checks import check_volume
+from mr2ct.formats import (
+    NIFTI_SUFFIXES, READ_SUFFIXES, SERIES_SEP, WRITE_SUFFIXES, dicom_series, is_dicom_folder, list_volumes, nifti_header, output_suffix, read_volume, volume_stem, volume_suffix, write_volume,
+)
+from mr2ct.io import load_generator
 from mr2ct.segment import segment_bone, segment_params
 
 
@@ -117,33 +129,57 @@ def translate_array(
     return back.as_tensor()[0].numpy().astype(np.float32, copy=False)
 
 
+def _split_suffix(output: Path) -> tuple[str, str]:
+    suffix = output_suffix(output)
+    return output.name[: -len(suffix)], suffix
+
+
 def bone_path(output: Path) -> Path:
-    """``sct.nii.gz`` -> ``sct_bone.nii.gz`` (beside the synthetic CT)."""
-    suffix = ".nii.gz" if output.name.endswith(".nii.gz") else ".nii"
-    return output.with_name(nifti_stem(output) + "_bone" + suffix)
+    """``sct.nii.gz`` -> ``sct_bone.nii.gz`` (beside the synthetic CT, same format)."""
+    stem, suffix = _split_suffix(output)
+    return output.with_name(stem + "_bone" + suffix)
 
 
 def preview_path(output: Path) -> Path:
     """``sct.nii.gz`` -> ``sct_preview.png`` (beside the synthetic CT)."""
-    return output.with_name(nifti_stem(output) + "_preview.png")
+    return output.with_name(_split_suffix(output)[0] + "_preview.png")
+
+
+def output_name(src: Path) -> str:
+    """A folder run's output name: the input's stem and format; DICOM and detached headers give a single file."""
+    suffix = volume_suffix(src)
+    suffix = {".mhd": ".mha", ".nhdr": ".nrrd", None: ".nii.gz"}.get(suffix, suffix)
+    return volume_stem(src) + suffix
 
 
 def plan_outputs(input_path: Path, output_path: Path) -> list[tuple[Path, Path]]:
-    """(input file, output file) pairs: a file to a file (or into a folder), a folder to a folder."""
-    if input_path.is_dir():
-        inputs = sorted(p for p in input_path.iterdir() if is_nifti(p) and not p.name.startswith("."))
-        if not inputs:
-            raise FileNotFoundError(f"no .nii/.nii.gz files in input folder: {input_path}")
-        if output_path.exists() and not output_path.is_dir():
-            raise ValueError(f"input is a folder, so output must be a folder: {output_path}")
-        return [(p, output_path / p.name) for p in inputs]
-    if not input_path.is_file():
-        raise FileNotFoundError(f"input not found: {input_path}")
-    if not is_nifti(input_path):
-        raise ValueError(f"input must be a .nii/.nii.gz file or a folder of them: {input_path}")
-    if output_path.is_dir() or not is_nifti(output_path):
-        return [(input_path, output_path / input_path.name)]
+    """(input volume, output file) pairs: a volume to a file (or into a folder), a folder to a folder.
+
+    A volume is a file of a readable format, a folder holding one DICOM series, or ``folder#SeriesUID``.
+    """
+    named_series = SERIES_SEP in str(input_path)
+    if is_dicom_folder(input_path) and not named_series:
+        uids = sorted(dicom_series(input_path))
+        if len(uids) > 1:  # several series: each one volume, so the output is a folder
+            return _into_folder([Path(f"{input_path}{SERIES_SEP}{u}") for u in uids], output_path, input_path)
+    elif not named_series and not input_path.is_file():
+        if not input_path.exists():
+            raise FileNotFoundError(f"input not found: {input_path}")
+        return _into_folder(list_volumes(input_path), output_path, input_path)
+    if input_path.is_file() and volume_suffix(input_path) is None:
+        raise InputError(f"{input_path}: unknown file type (read: {', '.join(READ_SUFFIXES)} files and DICOM series folders)")
+    if output_path.is_dir() or "." not in output_path.name:
+        return [(input_path, output_path / output_name(input_path))]
+    output_suffix(output_path)  # an extension we cannot write: refused before any work
     return [(input_path, output_path)]
+
+
+def _into_folder(inputs: list[Path], output_path: Path, input_path: Path) -> list[tuple[Path, Path]]:
+    if output_path.exists() and not output_path.is_dir():
+        raise ValueError(f"input {input_path} holds several volumes, so output must be a folder: {output_path}")
+    if any(output_path.name.lower().endswith(s) for s in WRITE_SUFFIXES):
+        raise ValueError(f"input {input_path} holds several volumes, so output must be a folder, not {output_path.name}")
+    return [(p, output_path / output_name(p)) for p in inputs]
 
 
 def run(cfg: DictConfig) -> list[Path]:
@@ -168,20 +204,29 @@ def run(cfg: DictConfig) -> list[Path]:
     # a CT written as int16 HU is exact to 1 HU; a synthetic MRI stays in normalised float units
     dtype = cfg.dtype if cfg.direction == "a2b" else "float32"
     params = segment_params(cfg.bone)
-    written = []
+    written, failed = [], []
     for i, (src, dst) in enumerate(pairs, 1):
         t0 = time.perf_counter()
-        volume, image = read_nifti(src)
+        try:
+            volume, affine = read_volume(src)
+            check_volume(volume, str(src))  # the checks training applies: finite, not degenerate
+        except (ValueError, FileNotFoundError) as err:
+            if len(pairs) == 1:
+                raise
+            print(f"mr2ct: error: {err}", file=sys.stderr, flush=True)
+            failed.append(str(src))
+            continue
+        header = nifti_header(src) if str(dst).endswith(NIFTI_SUFFIXES) else None
         shape = volume.shape
         out = translate_array(
-            generator, volume, image.affine, prep, roi, cfg.direction, float(cfg.overlap), int(cfg.sw_batch_size), str(cfg.mode), device,
+            generator, volume, affine, prep, roi, cfg.direction, float(cfg.overlap), int(cfg.sw_batch_size), str(cfg.mode), device,
             progress=bool(cfg.progress),
         )
-        written.append(write_nifti(out, image.affine, dst, dtype=dtype, overwrite=bool(cfg.overwrite), header=image.header))
+        written.append(write_volume(out, affine, dst, dtype=dtype, overwrite=bool(cfg.overwrite), header=header))
         msg = f"[{i}/{len(pairs)}] {src} -> {dst}"
         if cfg.segment:
             bone = segment_bone(out, **params)
-            written.append(write_nifti(bone, image.affine, bone_path(dst), dtype="uint8", overwrite=bool(cfg.overwrite), header=image.header))
+            written.append(write_volume(bone, affine, bone_path(dst), dtype="uint8", overwrite=bool(cfg.overwrite), header=header))
             msg += f" (+ {bone_path(dst).name}, {int(bone.sum())} bone voxels)"
         if cfg.get("preview") and cfg.direction == "a2b":
             from mr2ct.pictures import preview_figure
@@ -191,7 +236,10 @@ def run(cfg: DictConfig) -> list[Path]:
             msg += f" (+ {png.name})"
         del volume, out
         print(f"{msg} {shape} in {time.perf_counter() - t0:.1f} s", flush=True)
+    if failed:
+        raise InputError(f"{len(failed)} of {len(pairs)} inputs failed (reported above), {len(pairs) - len(failed)} translated: {', '.join(failed)}")
     return written
+
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="translate")
@@ -201,5 +249,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    set_project_root()
-    main()
+    from mr2ct.cli import run_tool
+
+    run_tool("translate")

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from mr2ct.data.transforms import RandGaussianRotated, RandRecipeNoised
-from mr2ct.io import list_nifti, nifti_stem  # noqa: F401  (re-exported for scripts)
+from mr2ct.formats import list_volumes, read_volume, volume_stem
 
 MANIFEST = "manifest.csv"
 MANIFEST_FIELDS = ("file", "subject", "source", "augmentation", "params", "sha256")
@@ -66,9 +66,8 @@ def sha256_file(path: str | Path) -> str:
 
 
 def load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """``(array (X, Y, Z) float32 in file units with the header's scaling applied, affine (4, 4))``."""
-    img = nib.load(str(path))
-    return np.asanyarray(img.dataobj, dtype=np.float32), np.asarray(img.affine, dtype=np.float64)
+    """``(array (X, Y, Z) float32 in file units with the header's scaling applied, affine (4, 4))``, any format."""
+    return read_volume(path)
 
 
 def save_volume(path: str | Path, array: np.ndarray, affine: np.ndarray) -> None:
@@ -146,8 +145,11 @@ def augment_folder(
     mri_percentiles: Sequence[float] = (0.5, 99.5),
     noise_mean_range: Sequence[float] = (-0.1, 0.1),
     noise_stds: Sequence[float] = (0.01, 0.05, 0.1),
+    overwrite: bool = False,
 ) -> list[dict[str, str]]:
     """Write each input volume, ``rotations`` rotated and ``noise_copies`` noisy copies, and ``manifest.csv``.
+
+    Refuses (before writing anything) when one of those files exists already, unless ``overwrite``.
 
     Output names: ``<stem>.nii.gz`` (the original, copied byte for byte when already ``.nii.gz``),
     ``<stem>_rot00.nii.gz`` ..., ``<stem>_noise00.nii.gz`` ...; the subject id of all of them is the
@@ -156,7 +158,16 @@ def augment_folder(
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     if out_dir.resolve() == in_dir.resolve():
         raise ValueError(f"out must differ from in (would mix copies with their sources): {out_dir}")
-    files = list_nifti(in_dir)
+    files = list_volumes(in_dir)
+    planned = [out_dir / MANIFEST] + [
+        out_dir / f"{volume_stem(src)}{tag}.nii.gz"
+        for src in files
+        for tag in ["", *(f"_rot{k:02d}" for k in range(int(rotations))), *(f"_noise{k:02d}" for k in range(int(noise_copies)))]
+    ]
+    existing = [p for p in planned if p.exists()]
+    if existing and not overwrite:
+        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+        raise FileExistsError(f"output exists: {existing[0]}{more} (pass overwrite=true to replace)")
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, str]] = []
 
@@ -173,10 +184,10 @@ def augment_folder(
         )
 
     for src in files:
-        stem = nifti_stem(src)
+        stem = volume_stem(src)
         volume, affine = load_volume(src)
         dst = out_dir / f"{stem}.nii.gz"
-        if src.name.endswith(".nii.gz"):
+        if src.name.endswith(".nii.gz") and src.is_file():
             shutil.copyfile(src, dst)
         else:
             save_volume(dst, volume, affine)

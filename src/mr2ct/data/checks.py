@@ -1,8 +1,9 @@
-"""Input checks for NIfTI volumes: a bad file fails with one line naming it, before training starts.
+"""Input checks for volumes: a bad file fails with one line naming it, before training starts.
 
-:class:`SafeLoadImaged` turns a reader failure (not NIfTI, truncated gzip, corrupt header) into an
-:class:`~mr2ct.config.InputError`; :class:`CheckVolumed` refuses volumes that are not 3-D, hold
-NaN/Inf, or are too small for the patch, and warns about a CT that does not look like Hounsfield
+:class:`LoadVolumed` reads any format of :mod:`mr2ct.formats` and turns a reader failure (unreadable,
+truncated, corrupt header, 2-D or 4-D, a broken DICOM series) into an :class:`~mr2ct.config.InputError`;
+:class:`CheckVolumed` (through :func:`check_volume`, which the other tools call too) refuses volumes that
+hold NaN/Inf or are too small for the patch, and warns about a CT that does not look like Hounsfield
 units. MONAI wraps errors raised inside a transform chain in ``RuntimeError("applying transform
 ...")``; :func:`find_input_error` digs the :class:`InputError` back out for the entry point.
 """
@@ -17,9 +18,11 @@ from typing import Any
 
 import torch
 from monai.config import KeysCollection
-from monai.transforms import LoadImaged, MapTransform
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
 
 from mr2ct.config import InputError
+from mr2ct.formats import VolumeError, read_volume
 
 log = logging.getLogger("mr2ct.data")
 
@@ -44,24 +47,47 @@ def _source(value: Any, fallback: str) -> str:
     return str(name) if name else fallback
 
 
-class SafeLoadImaged(MapTransform):
-    """``LoadImaged`` whose failures name the file: ``<path>: not a readable NIfTI file (<reason>)``."""
+class LoadVolumed(MapTransform):
+    """Read each key's path (any format of :mod:`mr2ct.formats`) into a ``MetaTensor`` (1, X, Y, Z) with its
+    RAS affine; a failure is one :class:`InputError` line naming the file."""
 
-    def __init__(self, keys: KeysCollection, **load_kwargs: Any) -> None:
+    def __init__(self, keys: KeysCollection) -> None:
         super().__init__(keys)
-        self.load = LoadImaged(keys, **load_kwargs)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        try:
-            return self.load(data)
-        except Exception as err:  # nibabel/gzip/zlib/OSError/EOFError...: all mean "cannot read this file"
-            key = next((k for k in self.keys if k in data), None)
-            path = data.get(key, "?") if key is not None else "?"
-            cause = err
-            while cause.__cause__ is not None:
-                cause = cause.__cause__
-            reason = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
-            raise InputError(f"{path}: not a readable NIfTI file ({reason[:200]})") from None
+        d = dict(data)
+        for key in self.key_iterator(d):
+            try:
+                array, affine = read_volume(d[key])
+            except (VolumeError, FileNotFoundError) as err:
+                raise InputError(str(err)) from None
+            meta = {"filename_or_obj": str(d[key]), "original_affine": affine, "spatial_shape": array.shape, "original_channel_dim": "no_channel"}
+            d[key] = MetaTensor(torch.from_numpy(array)[None], affine=torch.as_tensor(affine), meta=meta)
+        return d
+
+
+def check_volume(array: Any, path: str, patch_size: Sequence[int] | None = None) -> None:
+    """Refuse NaN/Inf voxels, an axis of size 1 and (with ``patch_size``) a volume too small for the patch."""
+    t = torch.as_tensor(array)
+    spatial = tuple(int(s) for s in t.shape[-3:])
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        n_bad = int((~finite).sum())
+        raise InputError(f"{path}: {n_bad} voxels are NaN or infinite")
+    if min(spatial) < 2:
+        raise InputError(f"{path}: degenerate volume of shape {list(spatial)} (an axis of size 1)")
+    _check_size(path, spatial, patch_size)
+
+
+def _check_size(path: str, spatial: tuple[int, ...], patch_size: Sequence[int] | None) -> None:
+    if not patch_size:
+        return
+    need = [max(2, math.ceil(p * MIN_PATCH_FRACTION)) for p in patch_size]
+    if any(s < n for s, n in zip(spatial, need)):
+        raise InputError(
+            f"{path}: volume {list(spatial)} is too small for patch {list(patch_size)} "
+            f"(each axis needs >= {need}; pad the data or use a smaller data.patch_size)"
+        )
 
 
 class CheckVolumed(MapTransform):
@@ -93,15 +119,9 @@ class CheckVolumed(MapTransform):
                 raise InputError(f"{path}: expected a 3-D volume, got shape {list(shape)} ({len(shape)}-D)")
             t = torch.as_tensor(img)
             if self.size_only:
-                self._check_size(path, spatial)
+                _check_size(path, spatial, self.patch_size)
                 continue
-            finite = torch.isfinite(t)
-            if not bool(finite.all()):
-                n_bad = int((~finite).sum())
-                raise InputError(f"{path}: {n_bad} voxels are NaN or infinite")
-            if min(spatial) < 2:
-                raise InputError(f"{path}: degenerate volume of shape {list(spatial)} (an axis of size 1)")
-            self._check_size(path, spatial)
+            check_volume(t, path, self.patch_size)
             is_ct = key in self.ct_keys or (key == "image" and d.get("modality") == "ct")
             if is_ct:
                 lo, hi = float(t.min()), float(t.max())
@@ -111,15 +131,5 @@ class CheckVolumed(MapTransform):
                     warnings.warn(msg, stacklevel=2)
         return d
 
-    def _check_size(self, path: str, spatial: tuple[int, ...]) -> None:
-        if not self.patch_size:
-            return
-        need = [max(2, math.ceil(p * MIN_PATCH_FRACTION)) for p in self.patch_size]
-        if any(s < n for s, n in zip(spatial, need)):
-            raise InputError(
-                f"{path}: volume {list(spatial)} is too small for patch {self.patch_size} "
-                f"(each axis needs >= {need}; pad the data or use a smaller data.patch_size)"
-            )
 
-
-__all__ = ["CheckVolumed", "InputError", "SafeLoadImaged", "find_input_error", "MIN_PATCH_FRACTION"]
+__all__ = ["CheckVolumed", "InputError", "LoadVolumed", "check_volume", "find_input_error", "MIN_PATCH_FRACTION"]

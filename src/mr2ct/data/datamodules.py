@@ -20,7 +20,6 @@ from monai.data import CacheDataset, Dataset, PersistentDataset, list_data_colla
 from monai.data import DataLoader as MonaiDataLoader
 from monai.transforms import (
     Compose,
-    EnsureChannelFirstd,
     EnsureTyped,
     MapTransform,
     Orientationd,
@@ -28,10 +27,10 @@ from monai.transforms import (
 )
 from torch.utils.data import DataLoader
 
-from mr2ct.data.checks import CheckVolumed, SafeLoadImaged
+from mr2ct.data.checks import CheckVolumed, LoadVolumed
 from mr2ct.data.phantom import make_anatomy, render_ct, render_mri
 from mr2ct.data.transforms import BodyMaskd, normalize_ct, normalize_mri, patch_transforms
-from mr2ct.io import list_nifti, nifti_stem
+from mr2ct.formats import list_volumes, volume_stem
 
 
 
@@ -344,7 +343,7 @@ class PhantomDataModule(CycleGANDataModule):
 
 
 class NiftiDataModule(CycleGANDataModule):
-    """Unpaired NIfTI folders for training; paired folders (matching file stems) for validation/test."""
+    """Unpaired folders of volumes (NIfTI, MetaImage, NRRD, DICOM series) for training; paired folders (matching file stems) for validation/test."""
 
     def __init__(
         self,
@@ -384,7 +383,7 @@ class NiftiDataModule(CycleGANDataModule):
 
             listed = read_split(self.split_file)[split]
             if split.startswith("train"):
-                listed = [{"image": p, "name": nifti_stem(p)} for p in listed]
+                listed = [{"image": p, "name": volume_stem(p)} for p in listed]
             for path in (v for rec in listed for k, v in rec.items() if k != "name"):
                 if not Path(path).is_file():
                     raise FileNotFoundError(f"{self.split_file}: {split} file does not exist: {path}")
@@ -396,15 +395,15 @@ class NiftiDataModule(CycleGANDataModule):
             raise FileNotFoundError(f"data.{split} is not set: give data.train_a and data.train_b folders, or data.split_file")
         if isinstance(entry, str):
             modality = "ct" if split == "train_b" else "mri"  # read by CheckVolumed's HU check
-            return [{"image": str(p), "name": nifti_stem(p), "modality": modality} for p in list_nifti(entry)]
+            return [{"image": str(p), "name": volume_stem(p), "modality": modality} for p in list_volumes(entry)]
         folder_a, folder_b, folder_bone = entry
         if not folder_a or not folder_b:
             return []
-        files_b = {nifti_stem(p): p for p in list_nifti(folder_b)}
-        files_bone = {nifti_stem(p): p for p in list_nifti(folder_bone)} if folder_bone else {}
+        files_b = {volume_stem(p): p for p in list_volumes(folder_b)}
+        files_bone = {volume_stem(p): p for p in list_volumes(folder_bone)} if folder_bone else {}
         out = []
-        for pa in list_nifti(folder_a):
-            stem = nifti_stem(pa)
+        for pa in list_volumes(folder_a):
+            stem = volume_stem(pa)
             if stem not in files_b:
                 raise FileNotFoundError(f"{split}: no CT in {folder_b} matches MRI {pa.name} (paired files share a stem)")
             rec = {"a": str(pa), "b": str(files_b[stem]), "name": stem}
@@ -422,8 +421,7 @@ class NiftiDataModule(CycleGANDataModule):
     def loader(self, keys: Sequence[str]) -> list[Callable]:
         keys = list(keys)
         xforms: list[Callable] = [
-            SafeLoadImaged(keys, image_only=True, dtype=np.float32),  # unreadable file -> InputError naming it
-            EnsureChannelFirstd(keys),
+            LoadVolumed(keys),  # any format; unreadable, 2-D/4-D or a broken DICOM series -> InputError naming it
             CheckVolumed(keys, self.patch_size),  # 3-D, finite, big enough, CT in HU (warning)
             Orientationd(keys, axcodes=self.orientation),
         ]

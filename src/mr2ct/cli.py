@@ -1,0 +1,85 @@
+"""Command lines: ``mr2ct-<tool>`` console scripts (``[project.scripts]``) and ``python -m mr2ct.<tool>`` alike.
+
+Before a tool's Hydra entry point runs, its arguments are checked once for the whole project's vocabulary:
+the same key for the same thing in every tool (``ckpt``, ``input``, ``output``, ``overwrite``, ``device``);
+a key an earlier version used is refused with one line naming the new one; and for ``train`` any Lightning
+``Trainer`` argument may be given as ``trainer.X=...`` even when the trainer config does not list it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+
+from mr2ct.config import set_project_root
+
+TOOLS = ("train", "translate", "evaluate", "segment", "split", "leakcheck", "augment", "plan", "export")
+
+#: old key -> new key, per tool (one vocabulary: ckpt / input / output)
+RENAMED_KEYS: dict[str, dict[str, str]] = {
+    "train": {"ckpt_path": "ckpt"},
+    "augment": {"in": "input", "out": "output"},
+    "split": {"in": "input", "out": "output"},
+    "evaluate": {"ckpt_path": "ckpt"},
+    "translate": {"ckpt_path": "ckpt", "in": "input", "out": "output"},
+    "segment": {"in": "input", "out": "output"},
+    "export": {"ckpt_path": "ckpt", "out": "output"},
+}
+
+
+class UsageError(ValueError):
+    """A command line that names a key the tool does not have."""
+
+
+def _trainer_arguments() -> set[str]:
+    import pytorch_lightning as pl
+
+    return set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
+
+
+def prepare_argv(tool: str, argv: list[str]) -> list[str]:
+    """``argv`` as Hydra should see it; raises :class:`UsageError` for renamed keys and unknown trainer keys."""
+    out = list(argv[:1])
+    trainer_args: set[str] | None = None
+    for arg in argv[1:]:
+        key, has_value, value = arg.partition("=")
+        bare = key.lstrip("+~")
+        if has_value and bare in RENAMED_KEYS.get(tool, {}):
+            new = RENAMED_KEYS[tool][bare]
+            raise UsageError(f"{bare}= is now {new}= (the same key in every tool): {new}={value}")
+        if tool == "train" and has_value and bare.startswith("trainer.") and bare.count(".") == 1 and not key.startswith("+"):
+            trainer_args = trainer_args if trainer_args is not None else _trainer_arguments()
+            name = bare.split(".", 1)[1]
+            if name not in trainer_args:
+                raise UsageError(f"trainer.{name} is not an argument of Lightning's Trainer (see `mr2ct-train --help`, group trainer)")
+            arg = f"++{bare}={value}"  # set it whether or not the trainer config lists it
+        out.append(arg)
+    return out
+
+
+def run_tool(tool: str) -> None:
+    """Run ``mr2ct.<tool>``'s entry point with the checked command line."""
+    try:
+        sys.argv = prepare_argv(tool, sys.argv)
+    except UsageError as err:
+        print(f"mr2ct: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    module = importlib.import_module(f"mr2ct.{tool}")
+    if hasattr(module, "run_cli"):  # a tool with more to do than its Hydra main (train: resume folders)
+        module.run_cli()
+        return
+    set_project_root()
+    module.main()
+
+
+def _console(tool: str):
+    def entry() -> None:
+        run_tool(tool)
+
+    entry.__name__ = tool
+    entry.__doc__ = f"``mr2ct-{tool}``"
+    return entry
+
+
+train, translate, evaluate, segment, split, leakcheck, augment, plan, export = (_console(t) for t in TOOLS)
