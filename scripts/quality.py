@@ -1,8 +1,8 @@
 """Translation quality per configuration at the same wall-clock budget and seed, on the phantom's test split.
 
-    python scripts/quality.py                                          # the README's ablation, 10 min each
-    python scripts/quality.py configs=default,mind budget_min=5 out=q.json
-    python scripts/quality.py configs=default,mind common="data.mri_contrast=t1"
+    python scripts/quality.py                                          # the default only, 10 min
+    python scripts/quality.py configs=old_default,default,default_mind budget_min=5 out=q.json
+    python scripts/quality.py configs=old_default,default common="data.mri_contrast=t1"
     python scripts/quality.py configs=mine mine="loss=+mind model.lr_g=1e-4"   # a configuration of your own
 
 Keys: ``configs`` (comma list of names: the presets in :data:`CONFIGS`, or names given as ``NAME="overrides"``),
@@ -34,8 +34,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: the ablation in the README: each lever alone, then together. Names are stable: the README table uses them.
 CONFIGS: dict[str, str] = {
-    "old_default": "loss=[adversarial,cycle,identity] data.body_patch_prob=0",
-    "default": "",
+    "old_default": "loss=[adversarial,cycle,identity] data.body_patch_prob=0",  # the default before this ablation
+    "no_identity": "loss=[adversarial,cycle] data.body_patch_prob=0",
+    "body": "loss=[adversarial,cycle,identity]",  # body-aware patches alone
+    "mind": "loss=[adversarial,cycle,identity,mind] data.body_patch_prob=0",
+    "mask_losses": "loss=[adversarial,cycle,identity] model.mask_losses=true",
+    "norm_none": "loss=[adversarial,cycle,identity] data.body_patch_prob=0 generator.norm=none",
+    "upsample_resize": "loss=[adversarial,cycle,identity] data.body_patch_prob=0 generator.upsample=resize",
+    "default": "",  # adversarial + cycle, body-aware patches
+    "default_mind": "loss=+mind",
+    "default_long": "data.patches_per_epoch=24",  # a schedule twice as long: fills the 10-minute budget
+    "paired25": "loss=+paired data.paired_fraction=0.25",
+    "paired100": "loss=+paired data.paired_fraction=1.0",
 }
 
 STEPS_KEY = "global_step"

@@ -8,6 +8,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -69,7 +70,8 @@ def test_evaluate_on_paired_nifti_folders_without_bone_masks(trained, tmp_path):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(
             "evaluate",
-            overrides=[f"ckpt={out / 'checkpoints' / 'last.ckpt'}", "data=nifti", f"data.test_a={tmp_path / 'mri'}", f"data.test_b={tmp_path / 'ct'}"],
+            overrides=[f"ckpt={out / 'checkpoints' / 'last.ckpt'}", "data=nifti", f"data.test_a={tmp_path / 'mri'}", f"data.test_b={tmp_path / 'ct'}",
+                       "save_predictions=true"],
             return_hydra_config=True,
         )
     with open_dict(cfg):
@@ -79,7 +81,17 @@ def test_evaluate_on_paired_nifti_folders_without_bone_masks(trained, tmp_path):
     summary = evaluate(cfg)
     GlobalHydra.instance().clear()
     assert summary["n_cases"] == 2 and set(summary["metrics"]) == {"mae", "psnr", "ssim", "dice", "dice_mri"}
-    assert (tmp_path / "eval" / "metrics.csv").is_file()
+    rows = {r["case"]: r for r in csv.DictReader(open(tmp_path / "eval" / "metrics.csv"))}
+    # the figures are those of the written synthetic CT against the real CT (bone: segment(real CT), no masks given)
+    from mr2ct.metrics import case_metrics
+
+    for case, row in rows.items():
+        sct = torch.as_tensor(np.asarray(nib.load(tmp_path / "eval" / "predictions" / f"{case}_sct.nii.gz").dataobj, dtype=np.float32))
+        ref = torch.as_tensor(np.asarray(nib.load(tmp_path / "ct" / f"{case}.nii.gz").dataobj, dtype=np.float32))
+        again = case_metrics(sct, ref.clamp(-1024, 3000), None)
+        assert abs(again["mae"] - float(row["mae"])) < 0.5 and abs(again["dice"] - float(row["dice"])) < 0.02, (case, again, row)
+    means = summary["metrics"]["mae"]["mean"], np.mean([float(r["mae"]) for r in rows.values()])
+    assert means[0] == pytest.approx(means[1], rel=1e-6)
 
 
 def test_evaluate_without_test_folders_refuses_instead_of_scoring_validation(trained, tmp_path):

@@ -144,3 +144,14 @@ def _with_callback(instantiate, callback):
         return instantiate(config, *args, **kwargs)
 
     return wrapped
+
+
+def test_persistent_nan_exits_3_with_one_line_naming_the_term(monkeypatch, tmp_path, capsys):
+    """The command line: exit code 3 (not 1, not 2) and one `mr2ct: error:` line naming the loss term."""
+    from test_bad_input import run_main
+
+    inject_nan(monkeypatch, lambda m: True)
+    args = [*tiny(), "data.n_train=2", "callbacks.nonfinite_guard.max_consecutive=2", f"hydra.run.dir={tmp_path / 'run'}"]
+    code, err = run_main("train", args, capsys)
+    lines = [line for line in err.splitlines() if line.startswith("mr2ct: error:")]
+    assert code == 3 and len(lines) == 1 and "loss term g_cycle_a" in lines[0] and "Traceback" not in err, err[-2000:]

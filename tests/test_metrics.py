@@ -134,3 +134,31 @@ def test_case_metrics_of_the_real_ct_is_perfect(phantom_pairs):
     assert m["mae"] == 0.0 and m["psnr"] == math.inf and m["ssim"] == pytest.approx(1.0)
     assert m["dice"] > 0.8  # thresholding the real CT finds the phantom's bone
     assert m["dice_mri"] < 0.3  # the same thresholding on the MRI does not (bone is dark in T2)
+
+
+@pytest.mark.parametrize("collapsed", [True, False])
+def test_collapse_monitor_logs_and_warns_only_on_collapse(phantom_pairs, collapsed):
+    """The training callback: val/diversity and val/identifiability logged; console warnings only when collapsed."""
+    import warnings
+    from types import SimpleNamespace
+
+    from mr2ct.callbacks import CollapseMonitor
+
+    mri, ct, batches = phantom_pairs
+    logged = {}
+    module = SimpleNamespace(log=lambda name, value, **kw: logged.__setitem__(name, value))
+    trainer = SimpleNamespace(sanity_checking=False, current_epoch=7)
+    monitor = CollapseMonitor()
+    monitor.on_validation_epoch_start(trainer, module)
+    for i, batch in enumerate(batches):
+        fake = (ct[0] if collapsed else ct[i])[None, None]
+        monitor.on_validation_batch_end(trainer, module, {"fake_b": fake}, batch, i)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        monitor.on_validation_epoch_end(trainer, module)
+    messages = [str(w.message) for w in caught if "epoch 7" in str(w.message)]
+    assert set(logged) == {"val/diversity", "val/identifiability"}
+    if collapsed:
+        assert logged["val/diversity"] == 0.0 and len(messages) == 2 and any("identifiability" in m for m in messages)
+    else:
+        assert logged["val/identifiability"] == 1.0 and messages == []

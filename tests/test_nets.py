@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from mr2ct.nets import (
-    UNET_PRESETS,
     PatchDiscriminator3D,
     ResnetGenerator3D,
     UNetGenerator,
@@ -196,12 +195,22 @@ def test_init_weights(init_type):
         init_weights(g, "uniform")
 
 
+def _shipped(name: str) -> nn.Module:
+    """The generator exactly as conf/generator/<name>.yaml builds it."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from mr2ct.config import CONFIG_DIR
+
+    return instantiate(OmegaConf.load(f"{CONFIG_DIR}/generator/{name}.yaml"))()
+
+
 def test_full_size_param_counts():
-    """Parameter counts of the configured networks (built, never run at full size)."""
-    unet = n_params(UNetGenerator(**UNET_PRESETS["unet"]))
-    unet_updated = n_params(UNetGenerator(**UNET_PRESETS["unet_updated"]))
-    assert UNetGenerator(**UNET_PRESETS["unet"]).divisor == 8
-    assert UNetGenerator(**UNET_PRESETS["unet_updated"]).divisor == 16
+    """Parameter counts of the shipped networks (built from their configs, never run at full size)."""
+    unet, unet_updated = _shipped("unet"), _shipped("unet_updated")
+    assert list(unet.strides) == [1, 2, 2] and unet.divisor == 4  # the full-resolution first level of the CPU default
+    assert unet_updated.divisor == 16
+    unet, unet_updated = n_params(unet), n_params(unet_updated)
     assert 0.4e6 < unet < 0.6e6, unet
     assert 12e6 < unet_updated < 14e6, unet_updated
     resnet9 = n_params(ResnetGenerator3D(ngf=64, n_blocks=9))

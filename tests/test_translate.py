@@ -62,11 +62,31 @@ def test_output_keeps_shape_affine_and_input_orientation(ckpt, mri):
     np.testing.assert_allclose(np.transpose(out_odd, (2, 1, 0))[::-1, ::-1, :], out_ras, atol=1e-3)
 
 
+class _ShiftOneVoxel(torch.nn.Module):
+    """Moves the image by one voxel along X: a shift of one voxel *of the grid the network sees* (mm depend on it)."""
+
+    def forward(self, x):
+        return torch.roll(x, shifts=1, dims=2)
+
+
 def test_resampling_runs_are_inverted_to_the_input_grid(ckpt, mri):
     gen, run_config = load_generator(ckpt)
     prep = Preprocessing.from_run_config(run_config, spacing=[9.0, 9.0, 9.0])
     out = translate_array(gen, mri, np.diag([6.0, 6.0, 6.0, 1.0]), prep, [16, 16, 16])
     assert out.shape == mri.shape and np.isfinite(out).all()
+
+    # the network really runs on the resampled grid: a one-voxel shift there is 3 mm, half a native voxel
+    ras = np.diag([6.0, 6.0, 6.0, 1.0])
+    native = translate_array(_ShiftOneVoxel(), mri, ras, Preprocessing(), [24, 20, 28], overlap=0.0)
+    fine = translate_array(_ShiftOneVoxel(), mri, ras, Preprocessing(spacing=[3.0, 6.0, 6.0]), [48, 20, 28], overlap=0.0)
+    assert fine.shape == native.shape == mri.shape
+    plain = translate_array(_Identity(), mri, ras, Preprocessing(), [24, 20, 28], overlap=0.0)
+    np.testing.assert_allclose(native[1:], plain[:-1], atol=1e-3)  # one native voxel
+    inner = slice(3, -3)
+    half = (plain + np.roll(plain, 1, axis=0)) / 2  # half a native voxel
+    err = {name: float(np.abs(fine[inner] - ref[inner]).mean()) for name, ref in
+           {"half": half, "none": plain, "full": np.roll(plain, 1, axis=0)}.items()}
+    assert err["half"] < 0.6 * min(err["none"], err["full"]), err
 
 
 def _cfg(overrides):
@@ -129,3 +149,23 @@ def test_every_format_in_gives_the_same_synthetic_ct_and_a_folder_run_skips_bad_
     one = run_cli(["mr2ct.translate", f"ckpt={ckpt}", f"input={src / 'd'}", f"output={tmp_path / 'sct.mha'}", "progress=false", f"hydra.run.dir={tmp_path / 'h2'}"])
     assert one.returncode == 0 and (tmp_path / "sct.mha").is_file(), one.stderr[-2000:]  # a file, not a folder named sct.mha
     np.testing.assert_array_equal(read_volume(tmp_path / "sct.mha")[0], results[0][0])
+
+
+class _Identity(torch.nn.Module):
+    """A 'generator' that returns its input: what comes out is exactly the preprocessing and its inverse."""
+
+    def forward(self, x):
+        return x
+
+
+def test_intensity_pipeline_is_percentile_scaling_in_and_hu_out(mri):
+    """MRI -> [-1, 1] by the run's percentiles (clipped), network, -> HU by the CT window; CT -> units for b2a."""
+    prep = Preprocessing(ct_window=(-1024.0, 3000.0), mri_percentiles=(5.0, 95.0))
+    ras = np.diag([6.0, 6.0, 6.0, 1.0])
+    out = translate_array(_Identity(), mri, ras, prep, [16, 16, 16], overlap=0.5)
+    lo, hi = np.percentile(mri, [5.0, 95.0])
+    expected = (np.clip((mri - lo) / (hi - lo) * 2 - 1, -1, 1) + 1) / 2 * 4024 - 1024
+    np.testing.assert_allclose(out, expected, atol=0.5)  # HU; the identity network makes any skipped step visible
+    ct = np.clip(mri * 3 - 1000, -1024, 3000).astype(np.float32)
+    back = translate_array(_Identity(), ct, ras, prep, [16, 16, 16], direction="b2a", overlap=0.5)
+    np.testing.assert_allclose(back, (ct + 1024) / 4024 * 2 - 1, atol=1e-4)  # CT window in, normalised units out

@@ -3,11 +3,10 @@
 from mr2ct.nets.init import init_weights, monai_norm, norm_layer
 from mr2ct.nets.patchgan import PatchDiscriminator3D
 from mr2ct.nets.resnet import ResnetGenerator3D
-from mr2ct.nets.unet import UNET_PRESETS, UNetGenerator
+from mr2ct.nets.unet import UNetGenerator
 
 __all__ = [
     "UNetGenerator",
-    "UNET_PRESETS",
     "ResnetGenerator3D",
     "PatchDiscriminator3D",
     "init_weights",

@@ -14,15 +14,8 @@ from torch.utils.checkpoint import checkpoint
 from mr2ct.nets.init import monai_norm, use_fast_instance_norm
 from mr2ct.nets.cpu_conv import use_fast_convs
 
-__all__ = ["UNetGenerator", "UNET_PRESETS", "strip_bias_before_norm"]
+__all__ = ["UNetGenerator", "strip_bias_before_norm"]
 
-#: Keyword presets of :class:`UNetGenerator` (the Hydra configs ``conf/generator/unet*.yaml`` spell them out).
-UNET_PRESETS: dict[str, dict] = {
-    # the generator of the original experiments: plain conv blocks, 3 levels
-    "unet": dict(channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=0, norm="instance"),
-    # the "updated" UNet: residual units, one more level, wider
-    "unet_updated": dict(channels=(32, 64, 128, 256, 320), strides=(2, 2, 2, 2), num_res_units=2, norm="instance"),
-}
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
@@ -60,14 +53,14 @@ class UNetGenerator(nn.Module):
     Blocks are conv -> norm -> (dropout) -> PReLU (MONAI's "NDA" ordering). Convs directly followed by a
     norm layer carry no bias (the norm cancels it).
 
-    Two configurations are used (:data:`UNET_PRESETS`, ``conf/generator/unet*.yaml``):
+    Two configurations are shipped (``conf/generator/unet*.yaml``, the one source of their settings):
 
-    * ``unet`` (the original generator): ``channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=0`` --
-      one plain conv per encoder/decoder block, 3 resolution levels (divisor 8). 0.49 M parameters.
+    * ``unet`` (the original generator's layout): ``channels=(16, 32, 64, 128), strides=(1, 2, 2),
+      num_res_units=0`` -- one plain conv per encoder/decoder block, a full-resolution first level (divisor 4).
     * ``unet_updated``: ``channels=(32, 64, 128, 256, 320), strides=(2, 2, 2, 2), num_res_units=2`` -- every
       encoder block is a residual unit of two conv-norm-act subunits (plus a strided residual projection),
       every decoder block adds a one-subunit residual unit after the transposed conv, one more resolution
-      level (divisor 16) and twice the width. 12.9 M parameters.
+      level (divisor 16) and twice the width.
 
     Both use instance norm (``InstanceNorm3d(affine=True)``, see :mod:`mr2ct.nets.init`).
 
