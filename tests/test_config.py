@@ -149,3 +149,11 @@ def test_selection_and_early_stopping_on_bone_dice(train_cfg):
     stop = instantiate(cfg.callbacks.early_stopping)
     assert isinstance(stop, pl.callbacks.EarlyStopping) and stop.monitor == "val/dice" and stop.mode == "max"
     assert "nonfinite_guard" in cfg.callbacks  # the default callbacks stay
+
+
+def test_sweepers_get_the_monitored_metric(train_cfg):
+    from mr2ct.train import objective
+
+    metrics = {"val/mae": 200.0, "val/dice": 0.3}
+    assert objective(train_cfg([]), metrics) == 200.0
+    assert objective(train_cfg(["callbacks=select_on_dice"]), metrics) == 0.3

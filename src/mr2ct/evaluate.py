@@ -19,6 +19,7 @@ import csv
 import json
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,12 @@ import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
 from mr2ct.config import CONFIG_DIR, exit_on_user_error
 from mr2ct.data.transforms import unit_to_hu
-from mr2ct.inference import translate_volume
 from mr2ct.formats import write_volume
+from mr2ct.inference import translate_volume
 from mr2ct.io import load_generator
 from mr2ct.metrics import case_metrics, collapse_diagnostics, collapse_warnings, split_for_collapse, thumbnail
 from mr2ct.pictures import case_figure, summary_figure
@@ -107,7 +109,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     params = segment_params(cfg.bone)
 
     rows, thumbs_in, thumbs_out, pictures = [], [], [], []
-    for i, batch in enumerate(loader):
+    for i, batch in enumerate(tqdm(loader, desc="cases", unit="case", disable=not sys.stderr.isatty())):
         t0 = time.perf_counter()
         real_a = torch.as_tensor(batch["a"]).float()
         real_b = torch.as_tensor(batch["b"]).float()

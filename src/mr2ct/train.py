@@ -150,6 +150,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
+def objective(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
+    """The value a sweeper optimises: the metric the checkpoint callback monitors (val/mae, val/dice, ...)."""
+    monitor = ((cfg.get("callbacks") or {}).get("model_checkpoint") or {}).get("monitor") or "val/mae"
+    return metrics.get(monitor)
+
+
 def config_params(cfg: DictConfig) -> dict[str, Any]:
     """The resolved run config flattened to ``group/key`` parameters (what trackers show as hyperparameters)."""
     flat: dict[str, Any] = {}
@@ -205,8 +211,7 @@ def main(cfg: DictConfig) -> float | None:
     except SIGTERMException:
         print(f"mr2ct: stopped; resume with: python -m mr2ct.train <same overrides> ckpt={output_dir}", file=sys.stderr)
         sys.exit(143)
-    # returned for Hydra sweepers that optimise a value
-    return metrics.get("val/mae")
+    return objective(cfg, metrics)  # for Hydra sweepers that optimise a value
 
 
 def run_cli() -> None:

@@ -36,6 +36,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, Orientation, ScaleIntensityRangePercentiles, Spacing
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from tqdm import tqdm
 
 from mr2ct.config import CONFIG_DIR, exit_on_user_error
 from mr2ct.data.transforms import hu_to_unit, unit_to_hu
@@ -205,7 +206,9 @@ def run(cfg: DictConfig) -> list[Path]:
     dtype = cfg.dtype if cfg.direction == "a2b" else "float32"
     params = segment_params(cfg.bone)
     written, failed = [], []
-    for i, (src, dst) in enumerate(pairs, 1):
+    # a bar over the files of a folder run (with ETA) on a terminal; quiet in logs and pipes
+    files = tqdm(pairs, desc="volumes", unit="vol", disable=len(pairs) < 2 or not cfg.progress or not sys.stderr.isatty())
+    for i, (src, dst) in enumerate(files, 1):
         t0 = time.perf_counter()
         try:
             volume, affine = read_volume(src)
@@ -235,7 +238,7 @@ def run(cfg: DictConfig) -> list[Path]:
             preview_figure(png, volume, out, bone if cfg.segment else None, title=f"{src.name} -> {dst.name}")
             msg += f" (+ {png.name})"
         del volume, out
-        print(f"{msg} {shape} in {time.perf_counter() - t0:.1f} s", flush=True)
+        tqdm.write(f"{msg} {shape} in {time.perf_counter() - t0:.1f} s")
     if failed:
         raise InputError(f"{len(failed)} of {len(pairs)} inputs failed (reported above), {len(pairs) - len(failed)} translated: {', '.join(failed)}")
     return written
