@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import run_cli, tiny
 
@@ -76,3 +77,16 @@ def test_perceptual_preset_without_weights_file_fails_clearly(tmp_path):
     assert proc.returncode != 0
     assert "loss.perceptual.weights_path" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_submitit_launcher_runs_a_two_job_sweep_to_the_end(tmp_path):
+    """hydra/launcher=local: the cluster launcher's code path (submitit), each job its own process."""
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["mr2ct.train", "-m", "hydra/launcher=local", *tiny(), "loss.cycle.weight=3,10", f"hydra.sweep.dir={sweep}"], timeout=900)
+    _ok(proc)
+    weights = []
+    for job in ("0", "1"):
+        assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
+        weights.append(OmegaConf.load(sweep / job / ".hydra" / "config.yaml").loss.cycle.weight)
+    assert sorted(weights) == [3, 10]
+    assert any((sweep / ".submitit").iterdir())  # submitit's own job folders: the launcher really ran them

@@ -157,3 +157,15 @@ def test_sweepers_get_the_monitored_metric(train_cfg):
     metrics = {"val/mae": 200.0, "val/dice": 0.3}
     assert objective(train_cfg([]), metrics) == 200.0
     assert objective(train_cfg(["callbacks=select_on_dice"]), metrics) == 0.3
+
+
+def test_slurm_launcher_takes_one_task_per_gpu_from_the_trainer(train_cfg):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "trainer.devices=4", "trainer.num_nodes=2"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.gpus_per_node == 4 and launcher.tasks_per_node == 4
+    assert launcher.nodes == 2 and launcher.timeout_min == 4320
