@@ -192,15 +192,27 @@ def model_card(run_config: Mapping[str, Any], ckpt: Mapping[str, Any], ckpt_path
     return "\n".join(lines) + "\n"
 
 
-def export(ckpt_path: str | Path, output: str | Path, overwrite: bool = False, evaluation: str | Path | None = None) -> tuple[Path, Path]:
+def export(
+    ckpt_path: str | Path,
+    output: str | Path,
+    overwrite: bool = False,
+    evaluation: str | Path | None = None,
+    fmt: str = "safetensors",
+    direction: str = "a2b",
+) -> tuple[Path, Path]:
     """Write the generators of a training checkpoint as ``output`` (.safetensors) + ``output.json`` + a model card
     ``output.md`` quoting ``evaluation`` (a ``summary.json`` of evaluate; default: ``<run>/evaluate/summary.json``
     when that exists)."""
     from safetensors.torch import save_file
 
+    from mr2ct.deploy import DEPLOY_FORMATS
+
     output = Path(output)
-    if not output.name.endswith(".safetensors"):
-        raise InputError(f"output must end with .safetensors: {output}")
+    suffix = {"safetensors": ".safetensors", **DEPLOY_FORMATS}.get(fmt)
+    if suffix is None:
+        raise InputError(f"format must be safetensors, onnx or torchscript, got {fmt!r}")
+    if not output.name.endswith(suffix):
+        raise InputError(f"format={fmt} writes a {suffix} file: output must end with {suffix}, got {output}")
     meta_path, card_path = output.with_suffix(".json"), output.with_suffix(".md")
     for path in (output, meta_path, card_path):
         if path.exists() and not overwrite:
@@ -210,6 +222,8 @@ def export(ckpt_path: str | Path, output: str | Path, overwrite: bool = False, e
     if not run_config or "generator" not in run_config:
         raise InputError(f"{ckpt_path} holds no mr2ct_config: not a checkpoint written by `python -m mr2ct.train`")
     config = export_config(run_config)
+    if fmt != "safetensors":
+        return _export_deployable(ckpt_path, ckpt, run_config, config, output, meta_path, card_path, fmt, direction, evaluation)
     weights = {
         k.replace("_orig_mod.", ""): v.detach().cpu().contiguous()
         for k, v in ckpt["state_dict"].items()
@@ -230,6 +244,23 @@ def export(ckpt_path: str | Path, output: str | Path, overwrite: bool = False, e
     summary = Path(evaluation) if evaluation else Path(ckpt_path).resolve().parent.parent / "evaluate" / "summary.json"
     if evaluation and not summary.is_file():
         raise FileNotFoundError(f"evaluation summary not found: {summary}")
+    card_path.write_text(model_card(run_config, ckpt, Path(ckpt_path), json.loads(summary.read_text()) if summary.is_file() else None))
+    return output, meta_path
+
+
+def _export_deployable(ckpt_path, ckpt, run_config, config, output: Path, meta_path: Path, card_path: Path, fmt: str, direction: str,
+                       evaluation) -> tuple[Path, Path]:
+    """One generator as ONNX or TorchScript, its config inside the file and beside it, and the model card."""
+    from mr2ct.deploy import export_onnx, export_torchscript
+    from mr2ct.io import load_generator
+
+    generator, _ = load_generator(ckpt_path, direction)
+    config = {**config, "direction": direction}
+    patch = config["data"].get("patch_size") or [32, 32, 32]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    (export_onnx if fmt == "onnx" else export_torchscript)(generator, config, output, patch)
+    meta_path.write_text(json.dumps(config, indent=2))
+    summary = Path(evaluation) if evaluation else Path(ckpt_path).resolve().parent.parent / "evaluate" / "summary.json"
     card_path.write_text(model_card(run_config, ckpt, Path(ckpt_path), json.loads(summary.read_text()) if summary.is_file() else None))
     return output, meta_path
 
@@ -270,8 +301,9 @@ def load_exported(path: str | Path, direction: str = "a2b", map_location: str | 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
 def main(cfg: DictConfig) -> None:
     with exit_on_user_error(InputError, FileNotFoundError, FileExistsError):
-        out, meta = export(cfg.ckpt, cfg.output, overwrite=bool(cfg.overwrite), evaluation=cfg.get("evaluation"))
-    print(f"mr2ct: exported generators to {out} (config: {meta}, model card: {meta.with_suffix('.md')})")
+        out, meta = export(cfg.ckpt, cfg.output, overwrite=bool(cfg.overwrite), evaluation=cfg.get("evaluation"),
+                           fmt=str(cfg.get("format", "safetensors")), direction=str(cfg.get("direction", "a2b")))
+    print(f"mr2ct: exported to {out} (config: {meta}, model card: {meta.with_suffix('.md')})")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,10 @@ def load_generator(ckpt_path: str | Path, direction: str = "a2b", map_location: 
     path = Path(ckpt_path)
     if path.name.endswith(".safetensors"):  # exported by `python -m mr2ct.export`: no pickle at all
         return load_exported(path, direction, map_location)
+    if path.suffix in (".onnx", ".pt"):  # deployable exports: ONNX Runtime or TorchScript, no mr2ct network code
+        from mr2ct.deploy import load_deployed
+
+        return load_deployed(path, direction)
     ckpt = safe_torch_load(path, map_location)  # missing, corrupt or code-carrying files: one clear error
     run_config = ckpt.get("mr2ct_config") if isinstance(ckpt, dict) else None
     if not run_config or "generator" not in run_config:

@@ -39,6 +39,8 @@ def _cpu_fp32(x: Tensor) -> bool:
     # inductor's conv lowering rejects padding wider than a kernel of 1)
     if torch.compiler.is_compiling():  # first: the checks below would break the compiled graph
         return False
+    if torch.jit.is_tracing():  # an exported graph (TorchScript) holds the standard ops, not this machine's kernels
+        return False
     return (
         x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 5 and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled and not torch.is_autocast_enabled("cpu")
