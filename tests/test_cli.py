@@ -90,3 +90,16 @@ def test_submitit_launcher_runs_a_two_job_sweep_to_the_end(tmp_path):
         weights.append(OmegaConf.load(sweep / job / ".hydra" / "config.yaml").loss.cycle.weight)
     assert sorted(weights) == [3, 10]
     assert any((sweep / ".submitit").iterdir())  # submitit's own job folders: the launcher really ran them
+
+
+def test_optuna_search_runs_two_trials_and_reports_the_best(tmp_path):
+    sweep = tmp_path / "search"
+    args = ["hparams_search=optuna_dice", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2", *tiny(),
+            "trainer.check_val_every_n_epoch=1", f"hydra.sweep.dir={sweep}"]
+    proc = run_cli(["mr2ct.train", *args], timeout=900)
+    _ok(proc)
+    result = OmegaConf.load(sweep / "optimization_results.yaml")
+    assert 0.0 <= float(result.best_value) <= 1.0  # a bone Dice: the monitored metric, not val/mae
+    assert set(result.best_params) == {"loss.cycle.weight", "loss.mind.weight", "model.lr_g", "model.lr_d", "data.batch_size"}
+    assert "Best value" in proc.stdout + proc.stderr
+    assert (sweep / "0" / "checkpoints").is_dir() and (sweep / "1" / "checkpoints").is_dir()
