@@ -26,7 +26,7 @@ RUN = [
     f"data.n_train={N_TRAIN}",
     "model.n_epochs=1",
     f"model.n_epochs_decay={EPOCHS - 1}",
-    "+callbacks.model_checkpoint.every_n_train_steps=2",
+    "callbacks.last_checkpoint.every_n_batches=1",  # the kill-safe last.ckpt (mr2ct.callbacks.LastCheckpoint)
     "data.augment.rotation_prob=0",
 ]
 EXPECTED_STEPS = N_TRAIN * EPOCHS * 2  # two optimizer steps per batch
