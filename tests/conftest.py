@@ -24,6 +24,7 @@ TINY = [
     "data.spacing=[6.0,6.0,6.0]",
     "data.patch_size=[16,16,16]",
     "data.n_train=2",
+    "data.patches_per_epoch=null",  # an epoch = one patch per training volume: steps counted by n_train
     "data.n_val=1",
     "data.n_test=1",
     "data.batch_size=1",

@@ -44,13 +44,13 @@ def test_patches_per_epoch_fixes_the_epoch_length_whatever_the_volume_count(trai
         dm.setup("fit")
         lengths.append((len(dm.datasets["train"]), len(dm.train_dataloader())))
     assert lengths == [(10, 10), (10, 10)]
-    dm = instantiate(train_cfg([*SMALL, "data.n_train=3"]).data)
+    dm = instantiate(train_cfg([*SMALL, "data.n_train=3", "data.patches_per_epoch=null"]).data)
     dm.setup("fit")
-    assert len(dm.datasets["train"]) == 3  # null: one patch per training volume, as before
+    assert len(dm.datasets["train"]) == 3  # null: one patch per training volume
 
 
 def test_phantom_pairs_are_the_same_crop_of_one_anatomy_and_the_rest_stays_unpaired(train_cfg):
-    dm = instantiate(train_cfg([*SMALL, "data.n_train=4", "data.paired_fraction=0.5", "data.body_patch_prob=0.9"]).data)
+    dm = instantiate(train_cfg([*SMALL, "data.n_train=4", "data.paired_fraction=0.5", "data.body_patch_prob=0.9", "data.patches_per_epoch=null"]).data)
     assert [len(dm.records(s)) for s in ("train_a", "train_b", "train_pairs")] == [2, 2, 2]
     seeds = {s: {r["seed"] for r in dm.records(s)} for s in ("train_a", "train_b", "train_pairs", "val", "test")}
     assert not seeds["train_pairs"] & (seeds["train_a"] | seeds["train_b"] | seeds["val"] | seeds["test"])
