@@ -1,8 +1,8 @@
 """Translation quality per configuration at the same wall-clock budget and seed, on the phantom's test split.
 
     python scripts/quality.py                                          # the default only, 10 min
-    python scripts/quality.py configs=old_default,default,default_mind budget_min=5 out=q.json
-    python scripts/quality.py configs=old_default,default common="data.mri_contrast=t1"
+    python scripts/quality.py configs=old_default,short_mind,short budget_min=5 out=q.json
+    python scripts/quality.py configs=old_default,short_mind,short budget_min=5 common="data.mri_contrast=t1"
     python scripts/quality.py configs=mine mine="loss=+mind model.lr_g=1e-4"   # a configuration of your own
 
 Keys: ``configs`` (comma list of names: the presets in :data:`CONFIGS`, or names given as ``NAME="overrides"``),
@@ -34,18 +34,26 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: the ablation in the README: each lever alone, then together. Names are stable: the README table uses them.
 CONFIGS: dict[str, str] = {
-    "old_default": "loss=[adversarial,cycle,identity] data.body_patch_prob=0",  # the default before this ablation
-    "no_identity": "loss=[adversarial,cycle] data.body_patch_prob=0",
-    "body": "loss=[adversarial,cycle,identity]",  # body-aware patches alone
-    "mind": "loss=[adversarial,cycle,identity,mind] data.body_patch_prob=0",
-    "mask_losses": "loss=[adversarial,cycle,identity] model.mask_losses=true",
-    "norm_none": "loss=[adversarial,cycle,identity] data.body_patch_prob=0 generator.norm=none",
-    "upsample_resize": "loss=[adversarial,cycle,identity] data.body_patch_prob=0 generator.upsample=resize",
-    "default": "",  # adversarial + cycle, body-aware patches
+    # the default before this ablation: identity term, uniform patches, one patch per volume per epoch (1200 steps)
+    "old_default": "loss=[adversarial,cycle,identity] data.body_patch_prob=0 data.patches_per_epoch=null",
+    # single levers against it (the screening)
+    "no_identity": "loss=[adversarial,cycle] data.body_patch_prob=0 data.patches_per_epoch=null",
+    "body": "loss=[adversarial,cycle,identity] data.patches_per_epoch=null",
+    "mind": "loss=[adversarial,cycle,identity,mind] data.body_patch_prob=0 data.patches_per_epoch=null",
+    "mask_losses": "loss=[adversarial,cycle,identity] model.mask_losses=true data.patches_per_epoch=null",
+    "norm_none": "loss=[adversarial,cycle,identity] data.body_patch_prob=0 generator.norm=none data.patches_per_epoch=null",
+    "upsample_resize": "loss=[adversarial,cycle,identity] data.body_patch_prob=0 generator.upsample=resize data.patches_per_epoch=null",
+    # the new loss set and patches on the old 1200-step schedule, with and without MIND and pairs
+    "short": "data.patches_per_epoch=null",
+    "short_mind": "loss=+mind data.patches_per_epoch=null",
+    "paired25_short": "loss=+paired data.paired_fraction=0.25 data.patches_per_epoch=null",
+    "paired100_short": "loss=+paired data.paired_fraction=1.0 data.patches_per_epoch=null",
+    # the default (2400 steps) and options on it
+    "default": "",
     "default_mind": "loss=+mind",
-    "default_long": "data.patches_per_epoch=24",  # a schedule twice as long: fills the 10-minute budget
     "paired25": "loss=+paired data.paired_fraction=0.25",
     "paired100": "loss=+paired data.paired_fraction=1.0",
+    "cpu_30min": "experiment=cpu_30min trainer.max_time=null",  # give budget_min >= 35
 }
 
 STEPS_KEY = "global_step"
