@@ -66,8 +66,13 @@ def sha256_file(path: str | Path) -> str:
 
 
 def load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """``(array (X, Y, Z) float32 in file units with the header's scaling applied, affine (4, 4))``, any format."""
-    return read_volume(path)
+    """``(array (X, Y, Z) float32 in file units with the header's scaling applied, affine (4, 4))``, any format,
+    checked as training checks it (finite, no axis of size 1)."""
+    from mr2ct.data.checks import check_volume
+
+    array, affine = read_volume(path)
+    check_volume(array, str(path))
+    return array, affine
 
 
 def save_volume(path: str | Path, array: np.ndarray, affine: np.ndarray) -> None:
