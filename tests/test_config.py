@@ -91,6 +91,15 @@ def test_original_presets_carry_the_notes_numbers(train_cfg):
         (["data.patch_size=[32,32]"], "3 positive integers"),
         (["loss.cycle.weight=-1"], "loss.cycle.weight must be >= 0"),
         (["data.batch_size=0"], "batch_size must be >= 1"),
+        (["model.lr_g=0"], "model.lr_g must be > 0"),
+        (["model.lr_d=-1e-4"], "model.lr_d must be > 0"),
+        (["data.ct_window=[3000,-1024]"], "data.ct_window must be [low, high] HU with low < high"),
+        (["data.mri_percentiles=[99.5,0.5]"], "data.mri_percentiles must be [low, high]"),
+        (["data.mri_percentiles=[0.5,101]"], "data.mri_percentiles must be [low, high]"),
+        (["callbacks.nonfinite_guard.max_consecutive=0"], "max_consecutive must be >= 1"),
+        (["model.pool_size=-1"], "model.pool_size must be >= 0"),
+        (["model.n_epochs=0", "model.n_epochs_decay=0"], "must be >= 1"),
+        (["model.optimizer_state=float16"], "model.optimizer_state must be one of"),
     ],
 )
 def test_invalid_configs_are_refused_before_work(train_cfg, overrides, message):
