@@ -64,7 +64,8 @@ def test_unpaired_workers_draw_different_partners():
 def test_cache_modes_and_patches_per_volume(train_cfg, tmp_path, cache, kind):
     cfg = train_cfg(
         ["data.shape=[24,24,32]", "data.spacing=[6.0,6.0,6.0]", "data.patch_size=[16,16,16]", "data.n_train=2",
-         "data.batch_size=2", "data.samples_per_volume=3", f"data.cache={cache}", f"data.cache_dir={tmp_path / 'cache'}"]
+         "data.batch_size=2", "data.samples_per_volume=3", f"data.cache={cache}", f"data.cache_dir={tmp_path / 'cache'}",
+         "data.patches_per_epoch=null"]
     )
     dm = instantiate(cfg.data)
     dm.setup("fit")
@@ -88,7 +89,7 @@ def test_workers_draw_different_patches(train_cfg):
     """Each DataLoader worker re-seeds the MONAI random transforms (else every worker crops alike)."""
     cfg = train_cfg(
         ["data.shape=[24,24,32]", "data.spacing=[6.0,6.0,6.0]", "data.patch_size=[8,8,8]", "data.batch_size=1",
-         "data.num_workers=2", "data.augment.rotation_prob=0", "data.augment.noise_prob=0"]
+         "data.num_workers=2", "data.augment.rotation_prob=0", "data.augment.noise_prob=0", "data.patches_per_epoch=null"]
     )
     dm = instantiate(cfg.data)
     same = {"seed": 0, "modality": "mri"}

@@ -94,7 +94,7 @@ def test_tensorboard_holds_losses_lrs_and_images(train_cfg, tmp_path):
 
 def test_resume_continues_at_same_step_and_learning_rate(train_cfg, tmp_path):
     base = [*tiny(), "model.n_epochs=1", "model.n_epochs_decay=2", "trainer.limit_train_batches=2"]
-    train(train_cfg([*base, "trainer.max_epochs=2"]))
+    train(train_cfg([*base, "trainer.max_steps=8"]))  # stop after two of the three epochs (2 batches x 2 steps each)
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     ckpt = torch.load(last, weights_only=False)
     assert ckpt["epoch"] == 1 and ckpt["global_step"] == 2 * 2 * 2
@@ -109,7 +109,7 @@ def test_resume_continues_at_same_step_and_learning_rate(train_cfg, tmp_path):
 def test_bf16_optimizer_state_trains_checkpoints_and_resumes_either_way(train_cfg, tmp_path):
     """The optimizer-state saver can be switched on or off at a resume (e.g. after running out of memory)."""
     base = [*tiny(), "model.n_epochs=2", "model.n_epochs_decay=0", "trainer.limit_train_batches=1"]
-    train(train_cfg([*base, "trainer.max_epochs=1", "model.optimizer_state=bfloat16"]))
+    train(train_cfg([*base, "trainer.max_steps=2", "model.optimizer_state=bfloat16"]))  # one of the two epochs
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
 
     def moment_dtypes() -> set[torch.dtype]:

@@ -21,7 +21,7 @@ VALIDATION = [
 def test_plan_cli_prints_savers_and_verdicts(tmp_path):
     # a small net keeps the six meta-device traces quick; the 96³ resnet3d_9blk table is in the README
     res = run_cli(["mr2ct.plan", "generator=resnet3d_2blk", "generator.ngf=8", "data.patch_size=[32,32,32]",
-                   "gpu_memory_gb=0.06", "gpu_context_gb=0", f"json={tmp_path / 'plan.json'}"], timeout=300)
+                   "gpu_memory_gb=0.045", "gpu_context_gb=0", f"json={tmp_path / 'plan.json'}"], timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = {line.split()[0]: line.split() for line in res.stdout.splitlines() if len(line.split()) == 8 and line.split()[0] in
             ("none", "split", "ckpt", "split+ckpt", "split+ckpt+bf16_state", "bf16", "bf16+split+ckpt")}
@@ -29,13 +29,14 @@ def test_plan_cli_prints_savers_and_verdicts(tmp_path):
     full = {r["saver"]: r for r in json.loads((tmp_path / "plan.json").read_text())}
     assert full.keys() == rows.keys()
     tensors = {k: r["tensor_peak_gb"] for k, r in full.items()}
-    # each saver lowers the peak, combined more than alone
-    assert tensors["split+ckpt"] < min(tensors["split"], tensors["ckpt"]) < tensors["none"]
+    # each saver lowers the peak; combined never above either alone (with the default loss set, no identity term,
+    # the recomputation peak under checkpointing is the same whether the halves are split or not)
+    assert tensors["split+ckpt"] <= min(tensors["split"], tensors["ckpt"]) < tensors["none"]
     assert tensors["bf16"] < tensors["none"] and rows["bf16"][6] == "-"
     # bf16 Adam moments: the state (parameters, gradients, moments = 4 copies) shrinks to 3 copies
     assert full["split+ckpt+bf16_state"]["state_gb"] == pytest.approx(0.75 * full["split+ckpt"]["state_gb"], rel=0.01)
     assert full["split+ckpt+bf16_state"]["tensor_peak_gb"] < full["split+ckpt"]["tensor_peak_gb"]
-    assert rows["split+ckpt"][5] == "yes" and rows["none"][5] == "no"  # 0.06 GB: only with savers
+    assert rows["split+ckpt"][5] == "yes" and rows["none"][5] == "no"  # 0.045 GB: only with savers
     bad = run_cli(["mr2ct.plan", "savers=[nonsense]"], timeout=300)
     assert bad.returncode == 2 and "mr2ct: error: unknown saver" in bad.stderr
 
