@@ -129,7 +129,7 @@ def exit_on_user_error(*errors: type[BaseException]) -> Iterator[None]:
     try:
         yield
     except Exception as err:
-        user_err: BaseException | None = err if isinstance(err, errors) else _wrapped_input_error(err)
+        user_err: BaseException | None = err if isinstance(err, errors) else find_input_error(err)
         if user_err is None:
             raise
         logging.getLogger("mr2ct").error(str(user_err))
@@ -137,7 +137,8 @@ def exit_on_user_error(*errors: type[BaseException]) -> Iterator[None]:
         sys.exit(2)
 
 
-def _wrapped_input_error(err: BaseException | None) -> InputError | None:
+def find_input_error(err: BaseException | None) -> InputError | None:
+    """The :class:`InputError` in ``err``'s chain of causes (MONAI and thread pools wrap exceptions)."""
     seen = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, InputError):

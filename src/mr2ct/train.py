@@ -27,8 +27,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from mr2ct.config import CONFIG_DIR, ConfigError, InputError, choose_strategy, set_project_root, validate
-from mr2ct.data.checks import find_input_error
+from mr2ct.config import CONFIG_DIR, ConfigError, InputError, choose_strategy, find_input_error, set_project_root, validate
+
 from mr2ct.guards import NonFiniteError, SafeCheckpointIO, check_state_dict_compatible, resume_argv, safe_torch_load
 
 log = logging.getLogger("mr2ct.train")

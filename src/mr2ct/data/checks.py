@@ -21,24 +21,13 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from mr2ct.config import InputError
+from mr2ct.config import InputError, find_input_error  # noqa: F401  (re-exported: the data chain's errors)
 from mr2ct.formats import VolumeError, read_volume
 
 log = logging.getLogger("mr2ct.data")
 
 #: a dimension below this fraction of the patch would leave the padded patch mostly background
 MIN_PATCH_FRACTION = 0.25
-
-
-def find_input_error(err: BaseException | None) -> InputError | None:
-    """The :class:`InputError` in ``err``'s chain of causes (MONAI and thread pools wrap exceptions)."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, InputError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
 
 
 def _source(value: Any, fallback: str) -> str:
