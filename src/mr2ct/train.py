@@ -28,7 +28,6 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from mr2ct.config import CONFIG_DIR, ConfigError, InputError, choose_strategy, find_input_error, set_project_root, validate
-
 from mr2ct.guards import NonFiniteError, SafeCheckpointIO, check_state_dict_compatible, resume_argv, safe_torch_load
 
 log = logging.getLogger("mr2ct.train")
