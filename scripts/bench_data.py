@@ -3,7 +3,7 @@
 Writes ``--volumes`` phantom NIfTI volumes (half MRI, half CT, 160×160×128 by default) to a temporary
 folder, then prints patch pairs per second delivered by the training DataLoader alone (NIfTI data
 module, default augmentation, 32³ patches) uncached and with ``data.cache=memory``, and the rate at
-which the default CPU training step (model composed from conf/train.yaml) consumes 32³ patch pairs.
+which the default CPU training step (model composed from src/mr2ct/conf/train.yaml) consumes 32³ patch pairs.
 """
 
 from __future__ import annotations
