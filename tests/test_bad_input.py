@@ -201,6 +201,11 @@ CASES = {
     "segment two DICOM series where one is expected": (lambda t: tool("segment", t, two_series(t / "study")), "holds 2 DICOM series where one volume is expected"),
     "evaluate NaN voxel": (lambda t: evaluate_case(t, nan_mri), "s9.nii.gz: 1 voxels are NaN or infinite"),
     "evaluate truncated input": (lambda t: evaluate_case(t, truncated), "s9.nii.gz: not a readable NIfTI file"),
+    "evaluate folder with no volume of a known type": (
+        lambda t: ((t / "tm").mkdir() or (t / "tm" / "s0.txt").write_text("x") and None)
+        or ("evaluate", [f"ckpt={small_checkpoint(t)}", "data=nifti", f"data.test_a={t / 'tm'}", f"data.test_b={data_dirs(t)[1]}", f"hydra.run.dir={t / 'run'}"]),
+        "no volumes in data folder",
+    ),
     "augment NaN voxel": (lambda t: ("augment", [f"input={nan_mri(t / 'raw' / 'in.nii.gz').parent}", f"output={t / 'aug'}"]), "in.nii.gz: 1 voxels are NaN or infinite"),
     "leakcheck NaN voxel": (lambda t: ("leakcheck", [f"train={nan_mri(t / 'tr' / 'in.nii.gz').parent}", f"test={nifti(t / 'te' / 'x.nii.gz', np.ones(SHAPE)).parent}"]), "in.nii.gz: 1 voxels are NaN or infinite"),
     "translate output exists": (
