@@ -136,3 +136,10 @@ def test_csv_and_mlflow_loggers_hold_losses_validation_and_config(train_cfg, tmp
     (run,) = client.search_runs([client.get_experiment_by_name("mr2ct").experiment_id])
     assert {"train/loss_g", "val/mae"} <= set(run.data.metrics) and run.data.params["loss/cycle/weight"] == "10.0"
     assert any((tmp_path / "mlartifacts").rglob("*.png"))  # the slice images, as MLflow artifacts
+
+
+def test_test_true_scores_the_best_checkpoint_on_the_test_split_and_logs_it(train_cfg, tmp_path):
+    metrics = train(train_cfg([*tiny(), "test=true", "logger=csv"]))
+    assert {"test/mae", "test/dice", "test/ssim"} <= set(metrics) and 0.0 <= metrics["test/dice"] <= 1.0
+    header = (tmp_path / "run" / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert "test/mae" in header  # the final test metrics reach the logger too
