@@ -155,3 +155,21 @@ def test_persistent_nan_exits_3_with_one_line_naming_the_term(monkeypatch, tmp_p
     code, err = run_main("train", args, capsys)
     lines = [line for line in err.splitlines() if line.startswith("mr2ct: error:")]
     assert code == 3 and len(lines) == 1 and "loss term g_cycle_a" in lines[0] and "Traceback" not in err, err[-2000:]
+
+
+def test_rng_states_saved_in_a_checkpoint_are_the_ones_restored():
+    """Python, numpy and torch draws after a restore repeat the draws made right after the save."""
+    import random
+
+    import numpy as np
+
+    from mr2ct.guards import RngStateCheckpoint
+
+    cb, checkpoint = RngStateCheckpoint(), {}
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    cb.on_save_checkpoint(None, None, checkpoint)
+    after_save = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(99), np.random.seed(99), random.seed(99)  # a new launch draws something else
+    cb.on_load_checkpoint(None, None, checkpoint)
+    after_load = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(after_save[0], after_load[0]) and np.array_equal(after_save[1], after_load[1]) and after_save[2] == after_load[2]
