@@ -173,3 +173,17 @@ def test_rng_states_saved_in_a_checkpoint_are_the_ones_restored():
     cb.on_load_checkpoint(None, None, checkpoint)
     after_load = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(after_save[0], after_load[0]) and np.array_equal(after_save[1], after_load[1]) and after_save[2] == after_load[2]
+
+
+def test_training_checkpoints_go_through_the_safe_checkpoint_io(train_cfg, tmp_path, monkeypatch):
+    """Every checkpoint Lightning writes in a fit is written atomically, every resume read is weights-only."""
+    import mr2ct.guards as guards
+
+    written, read = [], []
+    save, load = guards.atomic_torch_save, guards.safe_torch_load
+    monkeypatch.setattr(guards, "atomic_torch_save", lambda obj, path: written.append(str(path)) or save(obj, path))
+    monkeypatch.setattr(guards, "safe_torch_load", lambda path, **kw: read.append(str(path)) or load(path, **kw))
+    train(train_cfg(tiny()))
+    assert any(p.endswith("last.ckpt") for p in written)
+    train(train_cfg([*tiny(), "model.n_epochs=2", "ckpt=last"]))
+    assert any(p.endswith("last.ckpt") for p in read)
