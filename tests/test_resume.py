@@ -117,11 +117,17 @@ def test_sigterm_saves_checkpoint_and_exits(tmp_path):
 def test_extending_a_finished_run_recomputes_the_schedule(train_cfg, tmp_path):
     base = [*tiny(), "trainer.limit_train_batches=1"]
     train(train_cfg([*base, "model.n_epochs=1", "model.n_epochs_decay=0"]))  # finished: 1 epoch
-    metrics = train(train_cfg([*base, "model.n_epochs=1", "model.n_epochs_decay=2", "ckpt=last"]))
+    metrics = train(train_cfg([*base, "model.n_epochs=1", "model.n_epochs_decay=2", "ckpt=last", "logger=csv"]))
     ckpt = safe_torch_load(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert ckpt["epoch"] == 2 and ckpt["global_step"] == 3 * 2
-    # epochs 1 and 2 of the new 1 + 2 schedule run at 2/3 and 1/3 of the base LR
+    # epochs 1 and 2 of the new 1 + 2 schedule run at 2/3 and 1/3 of the base LR: the first resumed epoch jumps
+    # back up from the finished run's last factor (README "Extending a finished run")
     assert metrics["lr/g"] == pytest.approx(2e-4 / 3)
+    import csv
+
+    rows = [r for r in csv.DictReader(open(tmp_path / "run" / "csv" / "metrics.csv")) if r.get("lr/g")]
+    by_epoch = {int(r["epoch"]): float(r["lr/g"]) for r in rows}
+    assert by_epoch == pytest.approx({1: 2e-4 * 2 / 3, 2: 2e-4 / 3})
     assert ckpt["optimizer_states"][0]["state"], "Adam moments were saved"
 
 
