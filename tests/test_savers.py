@@ -9,9 +9,12 @@ from conftest import tiny
 from mr2ct.train import train
 
 
-def _grads(model, real_a, real_b, expect=("adv_ab", "adv_ba", "cycle_a", "cycle_b")) -> dict[str, torch.Tensor]:
+def _grads(model, real_a, real_b, expect=("adv_ab", "adv_ba", "cycle_a", "cycle_b"), backward_calls=None) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
-    terms, fake_a, fake_b = model.generator_backward(real_a, real_b, lambda loss: loss.backward())
+    calls = []
+    terms, fake_a, fake_b = model.generator_backward(real_a, real_b, lambda loss: calls.append(1) or loss.backward())
+    if backward_calls is not None:  # the switch is observed, not only its result
+        assert len(calls) == backward_calls, len(calls)
     assert fake_a is not None and fake_b is not None and set(terms) >= set(expect), sorted(terms)
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -22,9 +25,9 @@ def test_split_backward_gives_the_joint_gradients(train_cfg):
     model = instantiate(cfg.model, _convert_="partial")
     a, b = torch.rand(1, 1, 16, 16, 16) * 2 - 1, torch.rand(1, 1, 16, 16, 16) * 2 - 1
     every_term = ("adv_ab", "adv_ba", "cycle_a", "cycle_b", "mind_ab", "mind_ba", "idt_a", "idt_b", "gc_ab", "gc_ba")
-    joint = _grads(model, a, b, every_term)
+    joint = _grads(model, a, b, every_term, backward_calls=1)
     model.split_backward = True
-    split = _grads(model, a, b, every_term)
+    split = _grads(model, a, b, every_term, backward_calls=2)  # the two cycle halves, one after the other
     assert joint.keys() == split.keys() and any(k.startswith("g_ab") for k in joint)
     for name in joint:
         torch.testing.assert_close(split[name], joint[name], rtol=1e-4, atol=1e-6, msg=name)
@@ -45,6 +48,9 @@ def test_compile_switch_keeps_checkpoint_keys(train_cfg):
     plain = instantiate(train_cfg(tiny("unet")).model, _convert_="partial")
     compiled = instantiate(train_cfg([*tiny("unet"), "model.compile=true", "model.channels_last=true"]).model, _convert_="partial")
     assert plain.state_dict().keys() == compiled.state_dict().keys()
+    # the switch really compiles both generators (nn.Module.compile keeps the compiled call on the module)
+    assert compiled.g_ab._compiled_call_impl is not None and compiled.g_ba._compiled_call_impl is not None
+    assert plain.g_ab._compiled_call_impl is None
     w = next(p for p in compiled.g_ab.parameters() if p.dim() == 5)
     assert w.is_contiguous(memory_format=torch.channels_last_3d)
 
