@@ -20,20 +20,23 @@ SHAPE, SPACING = (32, 32, 40), (4.0, 4.0, 4.0)
 
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory):
-    """4 test subjects augmented with the full recipe (4 x 21 files) and 4 other subjects, MRI.
+    """4 test subjects augmented with the full recipe (4 x 21 files) and 4 other subjects, MRI and CT.
 
     (The README reports the larger measurement: 8 + 8 subjects, MRI and CT, 48 x 48 x 64.)
     """
     root = tmp_path_factory.mktemp("leak")
-    write_phantom_nifti(root / "test", range(4), "mri", SHAPE, SPACING)
-    augment_folder(root / "test", root / "copies", rotations=10, noise_copies=10, seed=0)
-    write_phantom_nifti(root / "others", range(100, 104), "mri", SHAPE, SPACING)
+    for folder, modality in ((root, "mri"), (root / "ct", "ct")):  # MRI at the top (the CLI tests use it), CT below
+        write_phantom_nifti(folder / "test", range(4), modality, SHAPE, SPACING)
+        augment_folder(folder / "test", folder / "copies", rotations=10, noise_copies=10, seed=0)
+        write_phantom_nifti(folder / "others", range(100, 104), modality, SHAPE, SPACING)
     return root
 
 
-def test_recall_and_false_positive_rate_on_phantoms(phantoms):
-    test = list_volumes(phantoms / "test")
-    train = list_volumes(phantoms / "copies") + list_volumes(phantoms / "others")
+@pytest.mark.parametrize("modality", ["mri", "ct"])
+def test_recall_and_false_positive_rate_on_phantoms(phantoms, modality):
+    root = phantoms if modality == "mri" else phantoms / "ct"
+    test = list_volumes(root / "test")
+    train = list_volumes(root / "copies") + list_volumes(root / "others")
     scores, _ = score_matrix(train, test, Settings())
     copy = np.array([[subject_id(volume_stem(a)) == volume_stem(b) for b in test] for a in train])
     flagged = scores >= Settings().threshold
