@@ -200,11 +200,9 @@ def export(
     fmt: str = "safetensors",
     direction: str = "a2b",
 ) -> tuple[Path, Path]:
-    """Write the generators of a training checkpoint as ``output`` (.safetensors) + ``output.json`` + a model card
-    ``output.md`` quoting ``evaluation`` (a ``summary.json`` of evaluate; default: ``<run>/evaluate/summary.json``
-    when that exists)."""
-    from safetensors.torch import save_file
-
+    """Write a training checkpoint's generators as ``output`` in ``fmt``, plus ``output.json`` (config) and a model
+    card ``output.md`` quoting ``evaluation`` (a ``summary.json`` of evaluate; default: ``<run>/evaluate/summary.json``
+    when that exists). Every check runs before anything is written."""
     from mr2ct.deploy import DEPLOY_FORMATS
 
     output = Path(output)
@@ -217,13 +215,29 @@ def export(
     for path in (output, meta_path, card_path):
         if path.exists() and not overwrite:
             raise FileExistsError(f"output exists: {path} (pass overwrite=true to replace it)")
+    summary = Path(evaluation) if evaluation else Path(ckpt_path).resolve().parent.parent / "evaluate" / "summary.json"
+    if evaluation and not summary.is_file():
+        raise FileNotFoundError(f"evaluation summary not found: {summary}")
     ckpt = safe_torch_load(ckpt_path)
     run_config = ckpt.get("mr2ct_config") if isinstance(ckpt, Mapping) else None
     if not run_config or "generator" not in run_config:
         raise InputError(f"{ckpt_path} holds no mr2ct_config: not a checkpoint written by `python -m mr2ct.train`")
     config = export_config(run_config)
-    if fmt != "safetensors":
-        return _export_deployable(ckpt_path, ckpt, run_config, config, output, meta_path, card_path, fmt, direction, evaluation)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "safetensors":
+        _write_safetensors(ckpt, config, ckpt_path, output)
+    else:
+        config = {**config, "direction": direction}
+        _write_deployable(ckpt_path, config, output, fmt, direction)
+    meta_path.write_text(json.dumps(config, indent=2))
+    card_path.write_text(model_card(run_config, ckpt, Path(ckpt_path), json.loads(summary.read_text()) if summary.is_file() else None))
+    return output, meta_path
+
+
+def _write_safetensors(ckpt: Mapping[str, Any], config: dict[str, Any], ckpt_path: str | Path, output: Path) -> None:
+    """Both generators, checked against the networks they claim to be, written atomically."""
+    from safetensors.torch import save_file
+
     weights = {
         k.replace("_orig_mod.", ""): v.detach().cpu().contiguous()
         for k, v in ckpt["state_dict"].items()
@@ -233,36 +247,22 @@ def export(
         build = build_generator(config["generator"], ckpt_path)
         own = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
         check_state_dict_compatible(build.state_dict(), own, str(ckpt_path), "generator")
-    output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
     try:
         save_file(weights, str(tmp), metadata={"mr2ct": json.dumps(config)})
         os.replace(tmp, output)
     finally:
         tmp.unlink(missing_ok=True)
-    meta_path.write_text(json.dumps(config, indent=2))
-    summary = Path(evaluation) if evaluation else Path(ckpt_path).resolve().parent.parent / "evaluate" / "summary.json"
-    if evaluation and not summary.is_file():
-        raise FileNotFoundError(f"evaluation summary not found: {summary}")
-    card_path.write_text(model_card(run_config, ckpt, Path(ckpt_path), json.loads(summary.read_text()) if summary.is_file() else None))
-    return output, meta_path
 
 
-def _export_deployable(ckpt_path, ckpt, run_config, config, output: Path, meta_path: Path, card_path: Path, fmt: str, direction: str,
-                       evaluation) -> tuple[Path, Path]:
-    """One generator as ONNX or TorchScript, its config inside the file and beside it, and the model card."""
+def _write_deployable(ckpt_path: str | Path, config: dict[str, Any], output: Path, fmt: str, direction: str) -> None:
+    """One generator as ONNX or TorchScript, traced on a patch of the training size, its config inside the file."""
     from mr2ct.deploy import export_onnx, export_torchscript
     from mr2ct.io import load_generator
 
     generator, _ = load_generator(ckpt_path, direction)
-    config = {**config, "direction": direction}
     patch = config["data"].get("patch_size") or [32, 32, 32]
-    output.parent.mkdir(parents=True, exist_ok=True)
     (export_onnx if fmt == "onnx" else export_torchscript)(generator, config, output, patch)
-    meta_path.write_text(json.dumps(config, indent=2))
-    summary = Path(evaluation) if evaluation else Path(ckpt_path).resolve().parent.parent / "evaluate" / "summary.json"
-    card_path.write_text(model_card(run_config, ckpt, Path(ckpt_path), json.loads(summary.read_text()) if summary.is_file() else None))
-    return output, meta_path
 
 
 def load_exported(path: str | Path, direction: str = "a2b", map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
