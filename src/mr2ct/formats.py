@@ -31,7 +31,6 @@ __all__ = [
     "VolumeError",
     "volume_suffix",
     "volume_stem",
-    "is_volume_path",
     "is_dicom_folder",
     "dicom_series",
     "list_volumes",
@@ -87,10 +86,6 @@ def is_dicom_folder(path: str | Path) -> bool:
     """A folder that directly holds DICOM files (``.dcm``, or the ``DICM`` preamble)."""
     path = Path(path)
     return path.is_dir() and any(p.is_file() and not p.name.startswith(".") and _is_dicom_file(p) for p in path.iterdir())
-
-
-def is_volume_path(path: str | Path) -> bool:
-    return volume_suffix(path) is not None or SERIES_SEP in str(path) or is_dicom_folder(path)
 
 
 def _slice_normal(ds) -> np.ndarray:
