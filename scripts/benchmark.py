@@ -7,8 +7,8 @@
 
 Keys: ``generator`` (comma list), ``patch`` (64 or 32x64x64), ``batch``, ``steps`` (timed steps after one
 warm-up step), ``threads`` (0 = torch's default), ``savers`` (comma list of names of
-``mr2ct.plan.SAVERS``: none, split, ckpt, bf16_state, trim, channels_last, compile; several joined by +, e.g.
-split+ckpt+bf16_state), ``translate`` (XxYxZ volume, ``none`` to skip), ``window`` (XxYxZ, default the patch),
+``mr2ct.plan.SAVERS``: none (the defaults, numerics auto), fp32, bf16, split, ckpt, bf16_state, trim, channels_last,
+compile; several joined by +, e.g. split+ckpt+bf16_state), ``translate`` (XxYxZ volume, ``none`` to skip), ``window`` (XxYxZ, default the patch),
 ``peer`` (true: generator=resnet3d_9blk, PatchGAN 3 layers/64 filters, no identity, patch 32x64x64, batch 1,
 translation of 64x128x128), ``out`` (JSON path), ``ceiling`` (edge of the ceiling conv's cube, default 64;
 smaller only for smoke tests). Any ``a.b=c`` is passed to the train config as an override.
@@ -27,6 +27,7 @@ import torch
 from mr2ct import plan
 from mr2ct import profiling as P
 from mr2ct.config import ConfigError
+from mr2ct.numerics import bf16_fast
 
 PEER = ["discriminator=patchgan", "discriminator.ndf=64", "discriminator.n_layers=3", "loss=[adversarial,cycle]",
         "generator.padding_mode=replicate"]
@@ -75,9 +76,13 @@ def main(argv: list[str]) -> dict:
     # ceilings, measured first and again at the end: the load of a shared machine drifts
     edge = int(args["ceiling"])
 
+    bf16_native = bf16_fast(torch.device(report["device"]))
+
     def ceilings() -> dict:
         out = {f"conv_{'fb' if b else 'fwd'}{'_cl' if cl else ''}": P.conv_ceiling(b, cl, size=edge)
                for b in (False, True) for cl in (False, True)}
+        if bf16_native:  # the ceiling of a bf16 step is bf16's (autocast: bf16 convs, fp32 weights)
+            out.update({f"conv_fb_bf16{'_cl' if cl else ''}": P.conv_ceiling(True, cl, size=edge, dtype=torch.bfloat16) for cl in (False, True)})
         out["matmul"] = P.matmul_ceiling()
         return out
 
@@ -92,17 +97,21 @@ def main(argv: list[str]) -> dict:
     report["bf16_over_fp32_time_conv_fb"] = (P.conv_ceiling(True, False, size=edge, dtype=torch.bfloat16, repeats=3)["seconds"]
                                              / P.conv_ceiling(True, False, size=edge, repeats=3)["seconds"])
 
-    runs = []
+    runs, trained_with = [], {}
     for gen in args["generator"].split(","):
         for saver in args["savers"].split(","):
             overrides = [f"generator={gen}", f"data.patch_size=[{','.join(map(str, patch))}]", f"data.batch_size={batch}",
                          *extra, *saver_overrides(saver)]
-            cfg = P.compose(overrides)
+            cfg = P.compose(overrides)  # resolves auto numerics once; the measuring process gets the same choice
+            numerics = [f"trainer.precision={cfg.trainer.precision}", f"model.memory_format={cfg.model.memory_format}"]
+            trained_with.setdefault(gen, numerics)
+            overrides += numerics
             trace = P.trace_step(cfg)
             t0 = time.time()
             m = P.measure({"kind": "train", "overrides": overrides, "steps": steps, "threads": threads})
             pred = P.predict_rss(trace, m["runtime_rss"], pool_images=m["pool_images"], pool_size=int(cfg.model.pool_size))
             run = {"generator": gen, "saver": saver, "overrides": overrides, "median_s": m["median_s"],
+                   "numerics": f"{'bf16' if 'bf16' in str(cfg.trainer.precision) else 'fp32'}{'/CL' if cfg.model.memory_format == 'channels_last' else ''}",
                    "step_times": m["step_times"], "first_step_s": m["first_step_s"], "flops": trace["flops"],
                    "gflop_per_s": trace["flops"] / m["median_s"] / 1e9, "peak_rss_gb": m["peak_rss"] / P.GB,
                    "predicted_rss_gb": pred / P.GB, "tensor_peak_gb": trace["total"] / P.GB,
@@ -115,16 +124,20 @@ def main(argv: list[str]) -> dict:
     translations = []
     if args["translate"] != "none":
         for gen in args["generator"].split(","):
-            overrides = [f"generator={gen}", *extra, *(saver_overrides("channels_last") if "channels_last" in args["savers"] else [])]
+            # the numerics the first configuration trained with, as a checkpoint hands them to translate (no probe here)
+            overrides = [f"generator={gen}", *extra, *trained_with.get(gen, []),
+                         *(saver_overrides("channels_last") if "channels_last" in args["savers"] else [])]
             t = P.measure({"kind": "translate", "overrides": overrides, "shape": _shape(args["translate"]), "roi": window,
-                           "overlap": 0.25, "sw_batch_size": 1, "threads": threads})
+                           "overlap": 0.25, "sw_batch_size": "auto", "threads": threads})
             translations.append({"generator": gen, "overrides": overrides, **t, "peak_rss_gb": t["peak_rss"] / P.GB})
     c1 = ceilings()
     ceil = {k: {"gflop_per_s": (c0[k]["gflop_per_s"] + c1[k]["gflop_per_s"]) / 2, "start": c0[k]["gflop_per_s"],
                 "end": c1[k]["gflop_per_s"]} for k in c0}
     conv_fb = max(ceil["conv_fb"]["gflop_per_s"], ceil["conv_fb_cl"]["gflop_per_s"])
+    conv_fb_bf16 = max((ceil[k]["gflop_per_s"] for k in ("conv_fb_bf16", "conv_fb_bf16_cl") if k in ceil), default=conv_fb)
     for run in runs:
-        run["mfu_conv_fb"] = run["gflop_per_s"] / conv_fb
+        # against the best conv fwd+bwd ceiling of the run's own numerics (a bf16 step against bf16 convs)
+        run["mfu_conv_fb"] = run["gflop_per_s"] / (conv_fb_bf16 if run["numerics"].startswith("bf16") else conv_fb)
         run["mfu_matmul"] = run["gflop_per_s"] / ceil["matmul"]["gflop_per_s"]
         base = next(r for r in runs if r["generator"] == run["generator"])
         run["time_vs_first_saver"] = run["median_s"] / base["median_s"]
@@ -135,14 +148,14 @@ def main(argv: list[str]) -> dict:
     print(f"bf16-autocast / fp32 time: tiny conv forward (batch 2, 8 ch, 16³) {report['bf16_over_fp32_time_small_conv']:.2f}x, "
           f"ceiling conv fwd+bwd (32 ch, {edge}³) {report['bf16_over_fp32_time_conv_fb']:.2f}x")
     w = max([len(r["saver"]) for r in runs] + [5]) + 2
-    hdr = f"{'generator':<15}{'saver':<{w}}{'s/step':>8}{'xfirst':>7}{'TFLOP':>7}{'GFLOP/s':>9}{'MFU conv':>9}{'MFU mm':>8}{'RSS GB':>8}{'pred GB':>8}{'err':>7}"
+    hdr = f"{'generator':<15}{'saver':<{w}}{'numerics':>9}{'s/step':>8}{'xfirst':>7}{'TFLOP':>7}{'GFLOP/s':>9}{'MFU conv':>9}{'MFU mm':>8}{'RSS GB':>8}{'pred GB':>8}{'err':>7}"
     print(hdr)
     for r in runs:
-        print(f"{r['generator']:<15}{r['saver']:<{w}}{r['median_s']:>8.2f}{r['time_vs_first_saver']:>7.2f}{r['flops'] / 1e12:>7.3f}"
+        print(f"{r['generator']:<15}{r['saver']:<{w}}{r['numerics']:>9}{r['median_s']:>8.2f}{r['time_vs_first_saver']:>7.2f}{r['flops'] / 1e12:>7.3f}"
               f"{r['gflop_per_s']:>9.1f}{r['mfu_conv_fb']:>9.0%}{r['mfu_matmul']:>8.0%}{r['peak_rss_gb']:>8.2f}"
               f"{r['predicted_rss_gb']:>8.2f}{r['rss_prediction_error']:>7.1%}")
     for t in translations:
-        print(f"translate {t['generator']} {t['shape']} windows {t['roi']}: {t['seconds']:.2f} s, "
+        print(f"translate {t['generator']} {t['shape']} windows {t['roi']} ({t['precision']}, {t['memory_format']}): {t['seconds']:.2f} s, "
               f"{t['voxels_per_s'] / 1e6:.2f} Mvoxel/s, peak RSS {t['peak_rss_gb']:.2f} GB")
     with open(args["out"], "w") as f:
         json.dump(report, f, indent=2)

@@ -37,7 +37,11 @@ TINY = [
     "trainer.enable_model_summary=false",
     "trainer.log_every_n_steps=1",
     "trainer.check_val_every_n_epoch=1",
+    # fixed numerics: the same results on any machine; tests of `auto` (the default) set it back
+    "trainer.precision=32-true",
+    "model.memory_format=contiguous",
 ]
+AUTO_NUMERICS = ["trainer.precision=auto", "model.memory_format=auto"]
 
 TINY_GENERATOR = {
     "unet": ["generator.channels=[4,8,16]", "generator.strides=[2,2]"],

@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import run_cli, tiny
+from conftest import AUTO_NUMERICS, run_cli, tiny
 
 pytestmark = pytest.mark.slow
 
@@ -28,10 +28,16 @@ def test_train_cli_prints_where_results_are(tmp_path):
 def test_design_command_trains_with_ddp_on_cpu(tmp_path):
     """`generator=unet_updated loss=+spectral trainer.devices=N` on CPU processes (gloo), with the MIND term on."""
     run = tmp_path / "ddp"
-    args = ["generator=unet_updated", "loss=[+spectral,mind]", "trainer.devices=2", *tiny("unet_updated"), "data.n_train=4", f"hydra.run.dir={run}"]
+    args = ["generator=unet_updated", "loss=[+spectral,mind]", "trainer.devices=2", *tiny("unet_updated"), *AUTO_NUMERICS, "data.n_train=4",
+            f"hydra.run.dir={run}"]
     proc = run_cli(["mr2ct.train", *args], timeout=900)
     _ok(proc)
+    # numerics=auto: rank 0 probes, the rank it launches takes its choice instead of probing again
+    log = (run / "train.log").read_text() + proc.stderr + proc.stdout
+    assert "chosen by local rank 0" in log, log[-2000:]
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["mr2ct_config"]["trainer"]["precision"] in ("32-true", "bf16-mixed")
+    assert ckpt["mr2ct_config"]["model"]["memory_format"] in ("contiguous", "channels_last")
     # 4 samples over 2 processes at batch 1: 2 batches per process, 2 optimizer steps each
     assert ckpt["global_step"] == 4
     assert any("parametrizations" in k for k in ckpt["state_dict"])  # spectral norm in D

@@ -114,6 +114,42 @@ def test_sigterm_saves_checkpoint_and_exits(tmp_path):
     assert final_step(run_dir) == stopped_at + 4
 
 
+def test_ctrl_c_once_saves_and_exits_143_twice_aborts_without_saving(tmp_path):
+    import threading
+
+    once = tmp_path / "once"
+    proc = start(once, [f"data.n_train={LONG_N_TRAIN}"])
+    wait_for_step(proc, once / "checkpoints" / "last.ckpt", min_step=4)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, out[-3000:]
+    assert "Ctrl-C: stopping after this batch" in out and "SIGINT received: checkpoint saved" in out
+
+    # batches of seconds (48³ patches, the default UNet width), so the second Ctrl-C lands inside the batch
+    # the first one let finish
+    twice = tmp_path / "twice"
+    slow = [f"data.n_train={LONG_N_TRAIN}", "data.shape=[48,48,64]", "data.patch_size=[48,48,48]",
+            "generator.channels=[16,32,64,128]", "generator.strides=[1,2,2]"]
+    proc = start(twice, slow)
+    last = twice / "checkpoints" / "last.ckpt"
+    wait_for_step(proc, last, min_step=2)  # one batch done, the next one just begun
+    seen = final_step(twice)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    proc.send_signal(signal.SIGINT)
+    end = time.time() + 60
+    while not any("Ctrl-C: stopping" in ln for ln in lines) and time.time() < end:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    reader.join(timeout=10)
+    out = "".join(lines)
+    assert "Ctrl-C: stopping" in out, out[-3000:]
+    assert proc.returncode not in (0, 143), out[-3000:]
+    assert "checkpoint saved" not in out and final_step(twice) == seen, out[-3000:]
+
+
 def test_extending_a_finished_run_recomputes_the_schedule(train_cfg, tmp_path):
     base = [*tiny(), "trainer.limit_train_batches=1"]
     train(train_cfg([*base, "model.n_epochs=1", "model.n_epochs_decay=0"]))  # finished: 1 epoch

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import logging
 import time
@@ -15,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.loggers import MLFlowLogger, TensorBoardLogger
 from torch import Tensor
+
+from mr2ct.numerics import malloc_trim
 
 
 def orthogonal_slices(volume: Tensor) -> list[Tensor]:
@@ -132,11 +132,7 @@ class HeapTrim(pl.Callback):
         self._trim = None
         if not self.enabled or pl_module.device.type != "cpu":
             return
-        name = ctypes.util.find_library("c")
-        try:
-            self._trim = ctypes.CDLL(name).malloc_trim if name else None
-        except (OSError, AttributeError):
-            self._trim = None
+        self._trim = malloc_trim()
         if self._trim is None:
             logging.getLogger("mr2ct").info("heap_trim: no malloc_trim in this C library; nothing to trim")
 

@@ -18,7 +18,7 @@ TOOLS = ("train", "translate", "evaluate", "segment", "split", "leakcheck", "aug
 
 #: old key -> new key, per tool (one vocabulary: ckpt / input / output)
 RENAMED_KEYS: dict[str, dict[str, str]] = {
-    "train": {"ckpt_path": "ckpt"},
+    "train": {"ckpt_path": "ckpt", "model.channels_last": "model.memory_format"},
     "augment": {"in": "input", "out": "output"},
     "split": {"in": "input", "out": "output"},
     "evaluate": {"ckpt_path": "ckpt"},
@@ -26,6 +26,8 @@ RENAMED_KEYS: dict[str, dict[str, str]] = {
     "segment": {"in": "input", "out": "output"},
     "export": {"ckpt_path": "ckpt", "out": "output"},
 }
+#: values that change with a renamed key
+RENAMED_VALUES: dict[str, dict[str, str]] = {"model.channels_last": {"true": "channels_last", "false": "contiguous"}}
 
 
 class UsageError(ValueError):
@@ -47,7 +49,8 @@ def prepare_argv(tool: str, argv: list[str]) -> list[str]:
         bare = key.lstrip("+~")
         if has_value and bare in RENAMED_KEYS.get(tool, {}):
             new = RENAMED_KEYS[tool][bare]
-            raise UsageError(f"{bare}= is now {new}= (the same key in every tool): {new}={value}")
+            value = RENAMED_VALUES.get(bare, {}).get(value.lower(), value)
+            raise UsageError(f"{bare}= is now {new}=: {new}={value}")
         if tool == "train" and has_value and bare.startswith("trainer.") and bare.count(".") == 1 and not key.startswith("+"):
             trainer_args = trainer_args if trainer_args is not None else _trainer_arguments()
             name = bare.split(".", 1)[1]

@@ -88,6 +88,9 @@ def validate(cfg: DictConfig) -> None:
             f"data.patch_size {patch} must be divisible by the generator's total stride {divisor} "
             f"(generator {gen._target_.rsplit('.', 1)[-1]})"
         )
+    memory_format = str(cfg.model.get("memory_format", "contiguous"))
+    if memory_format not in ("auto", "contiguous", "channels_last"):
+        raise ConfigError(f"model.memory_format must be auto, contiguous or channels_last, got {memory_format!r}")
     if int(cfg.data.batch_size) < 1:
         raise ConfigError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
     for name, term in cfg.loss.items():

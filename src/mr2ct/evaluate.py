@@ -33,7 +33,7 @@ from tqdm import tqdm
 from mr2ct.config import CONFIG_DIR, exit_on_user_error
 from mr2ct.data.transforms import unit_to_hu
 from mr2ct.formats import write_volume
-from mr2ct.inference import translate_volume
+from mr2ct.inference import inference_numerics, translate_volume
 from mr2ct.io import load_generator
 from mr2ct.metrics import case_metrics, collapse_diagnostics, collapse_warnings, split_for_collapse, thumbnail
 from mr2ct.pictures import case_figure, summary_figure
@@ -93,7 +93,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.paths.output_dir)
     device = resolve_device(str(cfg.device))
     generator, run_config = load_generator(cfg.ckpt, "a2b")
-    generator = generator.to(device)
+    precision, memory_format = inference_numerics(run_config, device, str(cfg.precision), str(cfg.memory_format), cfg.ckpt)
+    if isinstance(generator, torch.nn.Module):
+        generator = generator.to(device, memory_format=torch.channels_last_3d if memory_format == "channels_last" else torch.contiguous_format)
+    sw_batch = cfg.sw_batch_size if str(cfg.sw_batch_size) == "auto" else int(cfg.sw_batch_size)
     data = data_config(cfg, run_config)
     window = [float(w) for w in data.get("ct_window", (-1024.0, 3000.0))]
     inference = dict(run_config.get("model", {}).get("inference", {}))
@@ -114,7 +117,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         real_a = torch.as_tensor(batch["a"]).float()
         real_b = torch.as_tensor(batch["b"]).float()
         fake_b = translate_volume(
-            generator, real_a, roi, overlap=float(cfg.overlap), sw_batch_size=int(cfg.sw_batch_size), mode=str(cfg.mode), sw_device=device, device="cpu"
+            generator, real_a, roi, overlap=float(cfg.overlap), sw_batch_size=sw_batch, mode=str(cfg.mode), sw_device=device, device="cpu",
+            precision=precision, memory_format=memory_format,
         )
         pred_hu, ref_hu = unit_to_hu(fake_b[0, 0], window), unit_to_hu(real_b[0, 0], window)
         bone = torch.as_tensor(batch["bone"])[0, 0] > 0.5 if "bone" in batch else None
@@ -135,7 +139,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             write_volume(pred_hu.numpy(), affine, out_dir / "predictions" / f"{row['case']}_sct.nii.gz", dtype="int16", overwrite=True)
         log.info("%s: %s (%.1f s)", row["case"], {k: round(v, 4) for k, v in row.items() if k != "case"}, time.perf_counter() - t0)
 
-    summary: dict[str, Any] = {"ckpt": str(cfg.ckpt), "split": split, "n_cases": len(rows), "roi_size": roi}
+    summary: dict[str, Any] = {"ckpt": str(cfg.ckpt), "split": split, "n_cases": len(rows), "roi_size": roi,
+                               "numerics": {"precision": precision, "memory_format": memory_format}}
     summary["metrics"] = summarise(rows)
     xs, ys = split_for_collapse(thumbs_in, thumbs_out, min_n=4)
     diag = collapse_diagnostics(xs, ys)

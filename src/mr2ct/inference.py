@@ -7,36 +7,101 @@ Memory is bounded by the window (``roi_size``) and ``sw_batch_size``, not by the
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from monai.inferers import sliding_window_inference
 
+from mr2ct.numerics import bf16_fast
 
-@torch.no_grad()
+
+def inference_numerics(
+    run_config: dict[str, Any], device: torch.device, precision: str = "auto", memory_format: str = "auto", model_path: str | Path = ""
+) -> tuple[str, str]:
+    """(precision, memory format) for translating with a run's generator on ``device``.
+
+    ``auto`` takes what the run trained with (its resolved ``trainer.precision`` / ``model.memory_format``),
+    except bf16 where ``device`` has no native bf16 (emulated bf16 is far slower than fp32), and except
+    deployable exports (``.onnx``, ``.pt``), which run as exported: fp32, contiguous.
+    """
+    if Path(model_path).suffix in (".onnx", ".pt"):
+        run_config = {}
+    if precision == "auto":
+        trained = str(run_config.get("trainer", {}).get("precision", "32-true"))
+        precision = "bf16-mixed" if "bf16" in trained and bf16_fast(device) else "32-true"
+    if memory_format == "auto":
+        memory_format = str(run_config.get("model", {}).get("memory_format", "contiguous"))
+        memory_format = memory_format if memory_format in ("contiguous", "channels_last") else "contiguous"
+    return precision, memory_format
+
+
+def auto_sw_batch_size(
+    generator: Callable[[torch.Tensor], torch.Tensor], roi_size: Sequence[int], device: torch.device, budget_fraction: float = 0.5, cap: int = 8
+) -> int:
+    """Windows per forward pass: 1 on CPU (one window already keeps the cores busy; more only costs memory);
+    on CUDA as many as fit ``budget_fraction`` of the free memory, measured from one window's peak, at most ``cap``."""
+    if device.type != "cuda":
+        return 1
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    with torch.inference_mode():
+        generator(torch.zeros(1, 1, *[int(r) for r in roi_size], device=device))
+    per_window = max(1, torch.cuda.max_memory_allocated(device) - before)
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(max(1, min(cap, budget_fraction * free // per_window)))
+
+
 def translate_volume(
     generator: Callable[[torch.Tensor], torch.Tensor],
     volume: torch.Tensor,
     roi_size: Sequence[int],
     overlap: float = 0.25,
-    sw_batch_size: int = 4,
+    sw_batch_size: int | str = 4,
     mode: str = "gaussian",
     sw_device: torch.device | str | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
+    precision: str = "32-true",
+    memory_format: str = "contiguous",
 ) -> torch.Tensor:
-    """Translate ``volume`` (B, C, X, Y, Z) in normalised units; returns the same shape, on ``device``.
+    """Translate ``volume`` (B, C, X, Y, Z) in normalised units; returns float32 of the same shape, on ``device``.
 
-    Volumes smaller than the window are padded inside MONAI and cropped back.
+    Volumes smaller than the window are padded inside MONAI and cropped back. ``precision`` bf16-mixed runs
+    the windows under bf16 autocast; ``memory_format`` channels_last hands them to the network as NDHWC
+    (for a network whose weights are NDHWC); ``sw_batch_size="auto"``: :func:`auto_sw_batch_size`.
     """
-    return sliding_window_inference(
-        volume,
-        roi_size=[int(r) for r in roi_size],
-        sw_batch_size=int(sw_batch_size),
-        predictor=generator,
-        overlap=float(overlap),
-        mode=mode,
-        padding_mode="replicate",
-        sw_device=sw_device,
-        device=device,
-        progress=progress,
-    )
+    run_device = torch.device(sw_device) if sw_device is not None else volume.device
+    bf16 = "bf16" in str(precision)
+    channels_last = memory_format == "channels_last"
+
+    def predictor(x: torch.Tensor) -> torch.Tensor:
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        if bf16:
+            with torch.autocast(run_device.type, dtype=torch.bfloat16):
+                y = generator(x)
+        else:  # leave any enclosing autocast (Lightning's validation) as it is
+            y = generator(x)
+        # MONAI weights the output in place; at one window per batch the window is a view of the input volume,
+        # so an output sharing its storage (an identity-like network) would corrupt the input
+        if y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+            y = y.clone()
+        return y.float()
+
+    with torch.inference_mode():
+        if sw_batch_size == "auto":
+            sw_batch_size = auto_sw_batch_size(predictor, roi_size, run_device)
+        return sliding_window_inference(
+            volume,
+            roi_size=[int(r) for r in roi_size],
+            sw_batch_size=int(sw_batch_size),
+            predictor=predictor,
+            overlap=float(overlap),
+            mode=mode,
+            padding_mode="replicate",
+            sw_device=sw_device,
+            device=device,
+            progress=progress,
+        )

@@ -30,16 +30,18 @@ from mr2ct.profiling import GB, fit_overhead, runtime_rss, trace_step
 log = logging.getLogger("mr2ct.plan")
 
 #: memory saver (and speed switch) -> its config changes; names join with ``+`` (see :func:`saver_changes`).
-#: ``bf16`` is mixed precision, ``bf16_state`` the Adam moments in bf16, ``trim`` glibc heap trimming.
+#: ``bf16`` is mixed precision, ``bf16_state`` the Adam moments in bf16, ``trim`` glibc heap trimming; ``none`` keeps
+#: the defaults (numerics ``auto``: a probe picks them), ``fp32`` fixes fp32 / contiguous.
 SAVERS: dict[str, dict[str, Any]] = {
     "none": {},
     "split": {"model.split_backward": True},
     "ckpt": {"generator.checkpointing": True},
     "bf16_state": {"model.optimizer_state": "bfloat16"},
     "trim": {"callbacks.heap_trim.enabled": True},
-    "channels_last": {"model.channels_last": True},
+    "channels_last": {"model.memory_format": "channels_last"},
     "compile": {"model.compile": True},
     "bf16": {"trainer.precision": "bf16-mixed"},
+    "fp32": {"trainer.precision": "32-true", "model.memory_format": "contiguous"},  # the numerics auto would replace
 }
 
 
@@ -107,7 +109,7 @@ def format_table(cfg: DictConfig, rows: list[dict[str, Any]]) -> str:
             f"{r['gpu_gb']:>8.2f}{yes[r['fits_gpu']]:>14}{cpu:>11}{yes[r['fits_cpu']]:>12}"
         )
     lines.append("split = model.split_backward=true, ckpt = generator.checkpointing=true, bf16 = trainer.precision=bf16-mixed (GPU), "
-                 "bf16_state = model.optimizer_state=bfloat16 (Adam moments)")
+                 "bf16_state = model.optimizer_state=bfloat16 (Adam moments); precision auto is planned as fp32, the larger")
     return "\n".join(lines)
 
 

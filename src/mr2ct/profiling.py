@@ -21,6 +21,7 @@ and the fitted overhead to the traced tensor peak.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import resource
@@ -114,6 +115,11 @@ def build_model(cfg: DictConfig, device: str | torch.device = "cpu") -> torch.nn
     """The CycleGAN LightningModule of ``cfg.model`` (the real config), with its parameters on ``device``."""
     from hydra.utils import instantiate
 
+    if str(cfg.model.get("memory_format")) == "auto":
+        if torch.device(device).type != "meta":
+            raise ValueError("model.memory_format=auto: resolve it first (mr2ct.numerics.resolve, done by compose)")
+        cfg = copy.deepcopy(cfg)  # shapes only: the layout changes no byte count
+        cfg.model.memory_format = "contiguous"
     with torch.device(device):
         return instantiate(cfg.model, _convert_="partial")
 
@@ -307,7 +313,10 @@ def runtime_rss() -> int:
 
 # -- measurements in a fresh process -------------------------------------------------------------------
 def compose(overrides: Sequence[str], config_name: str = "train") -> DictConfig:
-    """The config exactly as ``python -m mr2ct.<config_name> <overrides>`` composes it (outputs to a temp dir)."""
+    """The config as ``python -m mr2ct.<config_name> <overrides>`` runs it (outputs to a temp dir).
+
+    For ``train``, ``auto`` precision and memory format are resolved as the tool resolves them (a probe).
+    """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -321,6 +330,10 @@ def compose(overrides: Sequence[str], config_name: str = "train") -> DictConfig:
     GlobalHydra.instance().clear()
     OmegaConf.set_struct(cfg, False)
     cfg.paths.output_dir = tempfile.mkdtemp(prefix="mr2ct-bench-")
+    if config_name == "train":
+        from mr2ct.numerics import resolve
+
+        resolve(cfg)
     return cfg
 
 
@@ -394,27 +407,34 @@ def _measure_train(overrides: Sequence[str], steps: int, threads: int | None) ->
     return out
 
 
-def _measure_translate(overrides: Sequence[str], shape: Sequence[int], roi: Sequence[int], overlap: float, sw_batch_size: int, repeats: int) -> dict[str, Any]:
-    from mr2ct.inference import translate_volume
+def _measure_translate(
+    overrides: Sequence[str], shape: Sequence[int], roi: Sequence[int], overlap: float, sw_batch_size: int | str, repeats: int
+) -> dict[str, Any]:
+    """What ``python -m mr2ct.translate`` runs per volume: one generator (as a checkpoint rebuilds it), the
+    run's numerics (:func:`mr2ct.inference.inference_numerics`), sliding windows stitched on the CPU."""
+    from hydra.utils import instantiate
+
+    from mr2ct.inference import inference_numerics, translate_volume
+    from mr2ct.nets import init_weights
 
     cfg = compose(overrides)
     runtime = current_rss()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(cfg, device).eval()
-    net: Callable[[Tensor], Tensor] = model.g_ab
-    if cfg.model.get("channels_last"):  # the model is already NDHWC; the windows MONAI cuts are not
-        net = lambda x: model.g_ab(x.contiguous(memory_format=torch.channels_last_3d))  # noqa: E731
-    vol = torch.rand(1, 1, *[int(s) for s in shape], device=device) * 2 - 1
+    precision, memory_format = inference_numerics(OmegaConf.to_container(cfg, resolve=True), device)
+    fmt = torch.channels_last_3d if memory_format == "channels_last" else torch.contiguous_format
+    net = init_weights(instantiate(cfg.generator)(), str(cfg.model.init_type), float(cfg.model.init_gain)).to(device, memory_format=fmt).eval()
+    vol = torch.rand(1, 1, *[int(s) for s in shape]) * 2 - 1
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        translate_volume(net, vol, roi_size=roi, overlap=overlap, sw_batch_size=sw_batch_size, mode="gaussian")
+        translate_volume(net, vol, roi_size=roi, overlap=overlap, sw_batch_size=sw_batch_size, mode="gaussian", sw_device=device, device="cpu",
+                         precision=precision, memory_format=memory_format)
         _sync(device)()
         times.append(time.perf_counter() - t0)
     voxels = int(torch.tensor([int(s) for s in shape]).prod())
     med = statistics.median(times)
     return {"seconds": med, "times": times, "voxels_per_s": voxels / med, "peak_rss": peak_rss(), "runtime_rss": runtime,
-            "shape": list(shape), "roi": list(roi)}
+            "shape": list(shape), "roi": list(roi), "precision": precision, "memory_format": memory_format}
 
 
 def measure(job: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
@@ -443,7 +463,7 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
         return _measure_train(job["overrides"], int(job.get("steps", 3)), job.get("threads"))
     if job["kind"] == "translate":
         return _measure_translate(job["overrides"], job["shape"], job["roi"], float(job.get("overlap", 0.25)),
-                                  int(job.get("sw_batch_size", 1)), int(job.get("repeats", 1)))
+                                  job.get("sw_batch_size", "auto"), int(job.get("repeats", 1)))
     raise ValueError(f"unknown job kind {job['kind']!r}")
 
 

@@ -11,6 +11,7 @@ and fits. Examples::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mr2ct.config import CONFIG_DIR, ConfigError, InputError, choose_strategy, find_input_error, set_project_root, validate
 from mr2ct.guards import NonFiniteError, SafeCheckpointIO, check_state_dict_compatible, resume_argv, safe_torch_load
+from mr2ct.numerics import resolve as resolve_numerics
 
 log = logging.getLogger("mr2ct.train")
 
@@ -97,6 +99,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("seed") is not None:
         pl.seed_everything(int(cfg.seed), workers=True)
 
+    numerics = resolve_numerics(cfg)  # precision / memory format "auto": a probe on this device, before anything is built
     datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
     model: pl.LightningModule = hydra.utils.instantiate(cfg.model, _convert_="partial")
     model.run_config = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in cfg if k != "hydra"}
@@ -125,7 +128,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         info_path = output_dir / "run_info.json"
         if ckpt_path is not None and info_path.exists():  # a resume keeps the original record
             info_path = output_dir / f"run_info.resume{len(list(output_dir.glob('run_info.resume*.json'))) + 1}.json"
-        info_path.write_text(json.dumps(run_info(), indent=2))
+        info = run_info()
+        if numerics is not None:
+            info["numerics"] = dataclasses.asdict(numerics)
+        info_path.write_text(json.dumps(info, indent=2))
         if hydra_cfg is None:  # Hydra already saved .hydra/config.yaml otherwise
             OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
     for lg in loggers:  # the resolved config as hyperparameters, in every tracker

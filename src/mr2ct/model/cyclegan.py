@@ -76,7 +76,8 @@ class CycleGAN(pl.LightningModule):
         split_backward: memory saver: back-propagate the A->B->A and B->A->B halves of the generator
             loss one after the other (same gradients, about half the live activations). Single device
             only: DDP allows one backward per forward.
-        channels_last: keep weights and input patches in ``torch.channels_last_3d`` (NDHWC).
+        memory_format: ``contiguous`` (NCDHW) or ``channels_last`` (NDHWC weights and input patches);
+            ``auto`` in the config is resolved before the model is built (:mod:`mr2ct.numerics`).
         optimizer_state: memory saver: dtype of the Adam moments, "float32" (PyTorch's Adam) or
             "bfloat16" (:class:`mr2ct.model.optim.BF16StateAdam`: half the optimizer memory, stochastic
             rounding; changes the optimizer's numerics, so off by default).
@@ -101,7 +102,7 @@ class CycleGAN(pl.LightningModule):
         ct_window: Sequence[float] = (-1024.0, 3000.0),
         inference: Mapping[str, Any] | None = None,
         split_backward: bool = False,
-        channels_last: bool = False,
+        memory_format: str = "contiguous",
         compile: bool = False,
         optimizer_state: str = "float32",
         mask_losses: bool = False,
@@ -120,10 +121,12 @@ class CycleGAN(pl.LightningModule):
         if unknown:
             raise ValueError(f"unknown loss terms {sorted(unknown)}")
         self.losses = nn.ModuleDict(dict(losses))
-        self.split_backward, self.channels_last = bool(split_backward), bool(channels_last)
+        if memory_format not in ("contiguous", "channels_last"):
+            raise ValueError(f"memory_format must be 'contiguous' or 'channels_last' (auto is resolved by mr2ct.numerics), got {memory_format!r}")
+        self.split_backward, self.channels_last = bool(split_backward), memory_format == "channels_last"
         self.mask_losses = bool(mask_losses)
         if self.channels_last:
-            # NDHWC lets oneDNN skip the layout reorders around every 3D conv (faster on CPU, see README)
+            # NDHWC lets oneDNN skip the layout reorders around every 3D conv (faster for some nets and CPUs)
             self.to(memory_format=torch.channels_last_3d)
         if compile:
             # in place (nn.Module.compile): parameter names, hence checkpoints, stay unchanged
@@ -324,6 +327,7 @@ class CycleGAN(pl.LightningModule):
             overlap=cfg.get("overlap", 0.25),
             sw_batch_size=cfg.get("sw_batch_size", 4),
             mode=cfg.get("mode", "gaussian"),
+            memory_format="channels_last" if self.channels_last else "contiguous",  # precision: the trainer's autocast
         )
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Tensor]:
