@@ -48,7 +48,11 @@ CONFIGS: dict[str, str] = {
     "short_mind": "loss=+mind data.patches_per_epoch=null",
     "paired25_short": "loss=+paired data.paired_fraction=0.25 data.patches_per_epoch=null",
     "paired100_short": "loss=+paired data.paired_fraction=1.0 data.patches_per_epoch=null",
-    # the default (2400 steps) and options on it
+    # numerics and schedule length: the 2400-step default of the last round in fp32 and bf16, twice as long in bf16
+    "fp32_2400": "data.patches_per_epoch=24 trainer.precision=32-true model.memory_format=contiguous",
+    "bf16_2400": "data.patches_per_epoch=24 trainer.precision=bf16-mixed",
+    "bf16_4800": "data.patches_per_epoch=48 trainer.precision=bf16-mixed",
+    # the default (4000 steps, numerics auto) and options on it
     "default": "",
     "default_mind": "loss=+mind",
     "paired25": "loss=+paired data.paired_fraction=0.25",
