@@ -79,8 +79,8 @@ def translate_volume(
     def predictor(x: torch.Tensor) -> torch.Tensor:
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        if bf16:
-            with torch.autocast(run_device.type, dtype=torch.bfloat16):
+        if bf16:  # no cast cache: it would keep a bf16 copy of every weight beside the fp32 one
+            with torch.autocast(run_device.type, dtype=torch.bfloat16, cache_enabled=False):
                 y = generator(x)
         else:  # leave any enclosing autocast (Lightning's validation) as it is
             y = generator(x)
