@@ -21,11 +21,11 @@ def scripted(monkeypatch, times: dict[tuple[bool, bool], float], bf16_native: bo
     """Make the probe report ``times`` per (bf16, channels_last); returns the list of candidates timed."""
     timed = []
 
-    def fake(net, patch, device, bf16, channels_last, repeats=2):
-        timed.append((bf16, channels_last))
-        return times[(bf16, channels_last)]
+    def fake(net, patch, device, candidates, rounds=3):
+        timed.extend(candidates)
+        return {k: times[k] for k in candidates}
 
-    monkeypatch.setattr(numerics, "time_candidate", fake)
+    monkeypatch.setattr(numerics, "time_candidates", fake)
     monkeypatch.setattr(numerics, "bf16_fast", lambda device: bf16_native)
     return timed
 
@@ -80,7 +80,7 @@ def test_ddp_ranks_take_rank_zeros_choice(monkeypatch, train_cfg):
     def no_probe(*args, **kwargs):
         raise AssertionError("a launched rank must not probe")
 
-    monkeypatch.setattr(numerics, "time_candidate", no_probe)
+    monkeypatch.setattr(numerics, "time_candidates", no_probe)
     monkeypatch.setenv("LOCAL_RANK", "1")
     cfg = train_cfg([*tiny(), *AUTO_NUMERICS])
     got = numerics.resolve(cfg)

@@ -14,6 +14,7 @@ gradients, and the memory format does not change values).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -88,28 +89,38 @@ def probe_patch(patch: Sequence[int], divisor: int = 4) -> list[int]:
     return [min(int(p), edge) for p in patch]
 
 
-def time_candidate(net: nn.Module, patch: Sequence[int], device: torch.device, bf16: bool, channels_last: bool, repeats: int = 2) -> float:
-    """Best-of-``repeats`` seconds of one forward+backward of ``net`` on a (1, C, *patch) input, after a warm-up."""
-    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
-    net = net.to(device, memory_format=fmt)
+def time_candidates(
+    net: nn.Module, patch: Sequence[int], device: torch.device, candidates: Sequence[tuple[bool, bool]], rounds: int = 3
+) -> dict[tuple[bool, bool], float]:
+    """Best-of-``rounds`` seconds of one forward+backward of ``net`` on a (1, C, *patch) input per (bf16, channels_last).
+
+    The candidates take turns within each round, so a burst of load from another process slows them
+    alike instead of one of them; each runs once untimed first (oneDNN / cuDNN pick their kernels).
+    """
     in_channels = next(m for m in net.modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))).in_channels
-    x = torch.randn(1, in_channels, *patch, device=device).contiguous(memory_format=fmt)
+    nets = {False: net.to(device)}
+    if any(cl for _, cl in candidates):
+        nets[True] = copy.deepcopy(nets[False]).to(memory_format=torch.channels_last_3d)
+    fmt = {False: torch.contiguous_format, True: torch.channels_last_3d}
+    inputs = {cl: torch.randn(1, in_channels, *patch, device=device).contiguous(memory_format=fmt[cl]) for cl in nets}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def run() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            y = net(x)
-        y.float().mean().backward()
-        net.zero_grad(set_to_none=True)
-
-    run()  # oneDNN / cuDNN pick their kernels on the first call
-    best = float("inf")
-    for _ in range(repeats):
+    def run(bf16: bool, cl: bool) -> float:
         sync()
         t0 = time.perf_counter()
-        run()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            y = nets[cl](inputs[cl])
+        y.float().mean().backward()
         sync()
-        best = min(best, time.perf_counter() - t0)
+        nets[cl].zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    for bf16, cl in candidates:
+        run(bf16, cl)
+    best = {k: float("inf") for k in candidates}
+    for _ in range(rounds):
+        for k in candidates:
+            best[k] = min(best[k], run(*k))
     return best
 
 
@@ -135,7 +146,7 @@ def choose(
                         memory_format if fixed_cl is not None else FORMATS[False], reason=reason)
     net = make_net()
     patch = probe_patch(patch, int(getattr(net, "divisor", 4)))
-    seconds = {(b, c): time_candidate(net, patch, device, b, c) for b in bf16_options for c in cl_options}
+    seconds = time_candidates(net, patch, device, [(b, c) for b in bf16_options for c in cl_options])
     del net
     trim = malloc_trim() if device.type == "cpu" else None
     if trim is not None:  # the probe's freed weights, gradients and activations would stay resident (resnet3d_9blk: 0.5 GB)
