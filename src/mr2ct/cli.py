@@ -50,7 +50,8 @@ def prepare_argv(tool: str, argv: list[str]) -> list[str]:
         if has_value and bare in RENAMED_KEYS.get(tool, {}):
             new = RENAMED_KEYS[tool][bare]
             value = RENAMED_VALUES.get(bare, {}).get(value.lower(), value)
-            raise UsageError(f"{bare}= is now {new}=: {new}={value}")
+            same = " (the same key in every tool)" if new in ("ckpt", "input", "output") else ""
+            raise UsageError(f"{bare}= is now {new}={same}: {new}={value}")
         if tool == "train" and has_value and bare.startswith("trainer.") and bare.count(".") == 1 and not key.startswith("+"):
             trainer_args = trainer_args if trainer_args is not None else _trainer_arguments()
             name = bare.split(".", 1)[1]
