@@ -33,7 +33,7 @@ from tqdm import tqdm
 from mr2ct.config import CONFIG_DIR, exit_on_user_error
 from mr2ct.data.transforms import unit_to_hu
 from mr2ct.formats import write_volume
-from mr2ct.inference import inference_numerics, translate_volume
+from mr2ct.inference import inference_numerics, place_generator, translate_volume
 from mr2ct.io import load_generator
 from mr2ct.metrics import case_metrics, collapse_diagnostics, collapse_warnings, split_for_collapse, thumbnail
 from mr2ct.pictures import case_figure, summary_figure
@@ -94,9 +94,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     device = resolve_device(str(cfg.device))
     generator, run_config = load_generator(cfg.ckpt, "a2b")
     precision, memory_format = inference_numerics(run_config, device, str(cfg.precision), str(cfg.memory_format), cfg.ckpt)
-    if isinstance(generator, torch.nn.Module):
-        generator = generator.to(device, memory_format=torch.channels_last_3d if memory_format == "channels_last" else torch.contiguous_format)
-    sw_batch = cfg.sw_batch_size if str(cfg.sw_batch_size) == "auto" else int(cfg.sw_batch_size)
+    generator = place_generator(generator, device, memory_format)
     data = data_config(cfg, run_config)
     window = [float(w) for w in data.get("ct_window", (-1024.0, 3000.0))]
     inference = dict(run_config.get("model", {}).get("inference", {}))
@@ -117,7 +115,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         real_a = torch.as_tensor(batch["a"]).float()
         real_b = torch.as_tensor(batch["b"]).float()
         fake_b = translate_volume(
-            generator, real_a, roi, overlap=float(cfg.overlap), sw_batch_size=sw_batch, mode=str(cfg.mode), sw_device=device, device="cpu",
+            generator, real_a, roi, overlap=float(cfg.overlap), sw_batch_size=cfg.sw_batch_size, mode=str(cfg.mode), sw_device=device, device="cpu",
             precision=precision, memory_format=memory_format,
         )
         pred_hu, ref_hu = unit_to_hu(fake_b[0, 0], window), unit_to_hu(real_b[0, 0], window)

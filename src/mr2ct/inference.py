@@ -36,6 +36,13 @@ def inference_numerics(
     return precision, memory_format
 
 
+def place_generator(generator: Callable[[torch.Tensor], torch.Tensor], device: torch.device, memory_format: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A generator module moved to ``device`` in ``memory_format``; exported (non-module) generators as they are."""
+    if not isinstance(generator, torch.nn.Module):
+        return generator
+    return generator.to(device, memory_format=torch.channels_last_3d if memory_format == "channels_last" else torch.contiguous_format)
+
+
 def auto_sw_batch_size(
     generator: Callable[[torch.Tensor], torch.Tensor], roi_size: Sequence[int], device: torch.device, budget_fraction: float = 0.5, cap: int = 8
 ) -> int:
@@ -91,7 +98,7 @@ def translate_volume(
         return y.float()
 
     with torch.inference_mode():
-        if sw_batch_size == "auto":
+        if str(sw_batch_size) == "auto":
             sw_batch_size = auto_sw_batch_size(predictor, roi_size, run_device)
         return sliding_window_inference(
             volume,

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from mr2ct.config import CONFIG_DIR, exit_on_user_error
 from mr2ct.data.transforms import hu_to_unit, unit_to_hu
-from mr2ct.inference import inference_numerics, translate_volume
+from mr2ct.inference import inference_numerics, place_generator, translate_volume
 from mr2ct.config import InputError
 from mr2ct.data.checks import check_volume
 from mr2ct.formats import (
@@ -122,8 +122,7 @@ def translate_array(
     meta, ops = x.meta, x.applied_operations
     del x, raw
     device = torch.device(device)
-    if isinstance(generator, nn.Module):
-        generator = generator.to(device, memory_format=torch.channels_last_3d if memory_format == "channels_last" else torch.contiguous_format)
+    generator = place_generator(generator, device, memory_format)
     out = translate_volume(
         generator, net_in, roi_size, overlap=overlap, sw_batch_size=sw_batch_size, mode=mode, sw_device=device, device="cpu", progress=progress,
         precision=precision, memory_format=memory_format,
@@ -207,7 +206,6 @@ def run(cfg: DictConfig) -> list[Path]:
     device = resolve_device(str(cfg.device))
     generator, run_config = load_generator(cfg.ckpt, cfg.direction)
     precision, memory_format = inference_numerics(run_config, device, str(cfg.precision), str(cfg.memory_format), cfg.ckpt)
-    sw_batch = cfg.sw_batch_size if str(cfg.sw_batch_size) == "auto" else int(cfg.sw_batch_size)
     prep = Preprocessing.from_run_config(run_config, OmegaConf.to_container(cfg.spacing) if OmegaConf.is_config(cfg.spacing) else cfg.spacing)
     roi = list(cfg.roi_size) if cfg.roi_size else list(run_config["data"]["patch_size"])
     # a CT written as int16 HU is exact to 1 HU; a synthetic MRI stays in normalised float units
@@ -230,7 +228,7 @@ def run(cfg: DictConfig) -> list[Path]:
         header = nifti_header(src) if str(dst).endswith(NIFTI_SUFFIXES) else None
         shape = volume.shape
         out = translate_array(
-            generator, volume, affine, prep, roi, cfg.direction, float(cfg.overlap), sw_batch, str(cfg.mode), device,
+            generator, volume, affine, prep, roi, cfg.direction, float(cfg.overlap), cfg.sw_batch_size, str(cfg.mode), device,
             progress=bool(cfg.progress), precision=precision, memory_format=memory_format,
         )
         written.append(write_volume(out, affine, dst, dtype=dtype, overwrite=bool(cfg.overwrite), header=header))
