@@ -233,10 +233,13 @@ def test_bad_input_one_line_error(name, tmp_path, capsys):
     assert after == {p: t for p, t in before.items() if not {"ckrun", "run"} & set(p.parts)}  # nothing written or overwritten
 
 
-def test_ct_not_in_hounsfield_units_warns(tmp_path):
+@pytest.mark.parametrize("low,high", [(0, 3000), (-1000, -990)], ids=["no-air", "flat"])
+def test_ct_not_in_hounsfield_units_warns(tmp_path, low, high):
+    """Either sign alone warns: no air below -500 (a CT scaled to [0, 3000]), or under 20 units of range."""
     from mr2ct.data.checks import CheckVolumed, LoadVolumed
 
-    path = nifti(tmp_path / "ct01.nii.gz", np.random.default_rng(0).random(SHAPE))  # values in [0, 1]
+    values = low + (high - low) * np.random.default_rng(0).random(SHAPE)
+    path = nifti(tmp_path / "ct01.nii.gz", values)
     load = LoadVolumed(["b"])
     with pytest.warns(UserWarning, match=r"ct01.nii.gz: CT values range \[.*\]: not Hounsfield units"):
         CheckVolumed(["b"], (16, 16, 16))(load({"b": str(path)}))

@@ -58,24 +58,35 @@ def test_multirun_sweeps_each_job_into_its_own_folder(tmp_path):
     assert weights == [3.0, 10.0]
 
 
+PLAIN = {"adv_ab", "adv_ba", "cycle_a", "cycle_b"}
+
+
 @pytest.mark.parametrize(
-    "preset, generator",
+    "preset, generator, terms, weights_have",
     [
-        ("mr2ct_new_unetUpdated", "unet_updated"),
-        ("mr2ct_unet_batchsize16", "unet"),
-        ("mr2ct_unet_gradient_consistency_batchsize8", "unet"),
-        ("mr2ct_spectral", "unet"),
-        ("mr2ct_perceptual", "unet"),
+        ("mr2ct_new_unetUpdated", "unet_updated", PLAIN, "g_ab.encoder.0.residual."),  # residual units
+        ("mr2ct_unet_batchsize16", "unet", PLAIN, None),
+        ("mr2ct_unet_gradient_consistency_batchsize8", "unet", PLAIN | {"gc_ab", "gc_ba"}, None),
+        ("mr2ct_spectral", "unet", PLAIN, "d_a.model.0.parametrizations.weight.original"),  # spectral norm in D
+        ("mr2ct_perceptual", "unet", PLAIN | {"perc_a", "perc_b"}, None),
     ],
 )
-def test_experiment_presets_run_one_batch(train_cfg, preset, generator):
+def test_experiment_presets_run_one_batch(train_cfg, tmp_path, preset, generator, terms, weights_have):
+    """Each preset trains with the loss terms and the networks of the original run it reproduces."""
+    from mr2ct.export import safe_torch_load
     from mr2ct.train import train
 
     overrides = [f"experiment={preset}", *tiny(generator), "discriminator.n_layers=2", "trainer.limit_train_batches=1"]
     if preset == "mr2ct_perceptual":
         overrides.append("loss.perceptual.pretrained=false")  # no ImageNet weights offline
     metrics = train(train_cfg(overrides))
-    assert metrics["train/loss_g"] > 0
+    logged = {k.removeprefix("train/g_") for k in metrics if k.startswith("train/g_")}
+    assert logged == terms and all(metrics[f"train/g_{t}"] > 0 for t in terms)
+    keys = safe_torch_load(tmp_path / "run" / "checkpoints" / "last.ckpt")["state_dict"].keys()
+    if weights_have:
+        assert any(k.startswith(weights_have) for k in keys), weights_have
+    assert any("residual" in k for k in keys) == (generator == "unet_updated")
+    assert any("parametrizations" in k for k in keys) == (preset == "mr2ct_spectral")
 
 
 def test_perceptual_preset_without_weights_file_fails_clearly(tmp_path):

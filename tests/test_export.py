@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -23,7 +24,8 @@ def trained(tmp_path_factory):
     from hydra.core.global_hydra import GlobalHydra
 
     run = tmp_path_factory.mktemp("exp") / "run"
-    train(compose_train_cfg([*tiny(), "trainer.limit_train_batches=1"], run))
+    # preprocessing away from the defaults, so that an export that lost it translates differently
+    train(compose_train_cfg([*tiny(), "trainer.limit_train_batches=1", "data.mri_percentiles=[5.0,95.0]", "data.ct_window=[-1000,2000]"], run))
     GlobalHydra.instance().clear()
     return run / "checkpoints" / "last.ckpt"
 
@@ -68,7 +70,14 @@ def test_translate_accepts_exported_model(trained, tmp_path, capsys):
     code, err = run_main("translate", [f"ckpt={out}", f"input={mri}", f"output={tmp_path / 'sct.nii.gz'}", "progress=false",
                                        f"hydra.run.dir={tmp_path / 'run'}"], capsys)
     assert code == 0, err
-    assert (tmp_path / "sct.nii.gz").is_file()
+    code, err = run_main("translate", [f"ckpt={trained}", f"input={mri}", f"output={tmp_path / 'from_ckpt.nii.gz'}", "progress=false",
+                                       f"hydra.run.dir={tmp_path / 'run2'}"], capsys)
+    assert code == 0, err
+    # the exported weights and the config stored beside them translate exactly as the checkpoint does
+    exported, direct = (nib.load(tmp_path / name) for name in ("sct.nii.gz", "from_ckpt.nii.gz"))
+    assert np.array_equal(exported.affine, direct.affine)
+    a, b = np.asarray(exported.dataobj, dtype=np.float32), np.asarray(direct.dataobj, dtype=np.float32)
+    assert a.shape == (24, 24, 32) and a.std() > 0 and np.abs(a - b).max() < 1.0
 
 
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path):

@@ -83,4 +83,7 @@ def test_segment_entry_writes_uint8_mask_with_affine_and_refuses_overwrite(chest
         run(_cfg([f"input={src}", f"output={dst}"]))
     assert dst.stat().st_mtime_ns == stamp
     run(_cfg([f"input={src}", f"output={dst}", "overwrite=true", "bone.method=otsu"]))
+    # overwritten, and with the method asked for: two-class Otsu's mask, not the default's
+    rewritten = np.asarray(nib.load(dst).dataobj) > 0
+    assert np.array_equal(rewritten, segment_bone(vol, "otsu")) and dice(rewritten, bone) < 0.3
     GlobalHydra.instance().clear()
