@@ -128,7 +128,7 @@ def main(argv: list[str]) -> dict:
             overrides = [f"generator={gen}", *extra, *trained_with.get(gen, []),
                          *(saver_overrides("channels_last") if "channels_last" in args["savers"] else [])]
             t = P.measure({"kind": "translate", "overrides": overrides, "shape": _shape(args["translate"]), "roi": window,
-                           "overlap": 0.25, "sw_batch_size": "auto", "threads": threads})
+                           "overlap": 0.25, "sw_batch_size": "auto", "threads": threads, "preload": ["mr2ct.translate"]})
             translations.append({"generator": gen, "overrides": overrides, **t, "peak_rss_gb": t["peak_rss"] / P.GB})
     c1 = ceilings()
     ceil = {k: {"gflop_per_s": (c0[k]["gflop_per_s"] + c1[k]["gflop_per_s"]) / 2, "start": c0[k]["gflop_per_s"],

@@ -441,7 +441,8 @@ def measure(job: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
     """Run a measurement ``job`` in a fresh Python process (so its peak RSS is its own) and return its result.
 
     ``job``: ``{"kind": "train", "overrides": [...], "steps": n}`` or ``{"kind": "translate", "overrides":
-    [...], "shape": [X, Y, Z], "roi": [...], "overlap": 0.25, "sw_batch_size": 1, "repeats": 1}``.
+    [...], "shape": [X, Y, Z], "roi": [...], "overlap": 0.25, "sw_batch_size": 1, "repeats": 1}``; either may name
+    ``"preload": [modules]`` to import first.
     """
     # A minimal environment: the calling process may carry Lightning's PL_*/rank variables, torch
     # compile/inductor settings and the like, and a measurement must not depend on what ran before it.
@@ -457,6 +458,10 @@ def measure(job: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
 
 
 def _worker(job: dict[str, Any]) -> dict[str, Any]:
+    import importlib
+
+    for name in job.get("preload", ()):  # the modules the measured tool imports: their memory is part of its peak
+        importlib.import_module(name)
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
     if job["kind"] == "train":
