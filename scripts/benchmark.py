@@ -26,7 +26,7 @@ import torch
 
 from mr2ct import plan
 from mr2ct import profiling as P
-from mr2ct.config import ConfigError
+from mr2ct.errors import ConfigError
 from mr2ct.numerics import bf16_fast
 
 PEER = ["discriminator=patchgan", "discriminator.ndf=64", "discriminator.n_layers=3", "loss=[adversarial,cycle]",

@@ -73,7 +73,7 @@ def main(argv: list[str]) -> None:
     cfg = P.compose(overrides)
     torch.manual_seed(0)
     model = P.build_model(cfg)
-    opts = P._optimizers(model)
+    opts = P.optimizers(model)
     data = P.random_batch(int(cfg.data.batch_size), list(cfg.data.patch_size))
     step = lambda: P.manual_step(model, opts, data["a"], data["b"])  # noqa: E731
     # counted on the meta device: the counter does not see oneDNN's op when FastConv3d calls it directly

@@ -9,7 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from mr2ct.data.augment import augment_folder, intensity_range, load_volume, read_manifest, sha256_file, write_phantom_nifti
+from mr2ct.data.augment import augment_folder, intensity_range, write_phantom_nifti
+from mr2ct.data.checks import load_volume
+from mr2ct.data.manifest import read_manifest, sha256_file
 
 SHAPE, SPACING = (24, 24, 32), (6.0, 6.0, 6.0)
 

@@ -73,7 +73,7 @@ PLAIN = {"adv_ab", "adv_ba", "cycle_a", "cycle_b"}
 )
 def test_experiment_presets_run_one_batch(train_cfg, tmp_path, preset, generator, terms, weights_have):
     """Each preset trains with the loss terms and the networks of the original run it reproduces."""
-    from mr2ct.export import safe_torch_load
+    from mr2ct.checkpoints import safe_torch_load
     from mr2ct.train import train
 
     overrides = [f"experiment={preset}", *tiny(generator), "discriminator.n_layers=2", "trainer.limit_train_batches=1"]

@@ -8,7 +8,8 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from mr2ct.config import CONFIG_DIR, ConfigError, choose_strategy, validate
+from mr2ct.config import CONFIG_DIR, choose_strategy, validate
+from mr2ct.errors import ConfigError
 
 PRESETS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 

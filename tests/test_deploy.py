@@ -10,8 +10,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from conftest import compose_train_cfg, tiny
-from mr2ct.export import export
-from mr2ct.io import load_generator
+from mr2ct.checkpoints import export
+from mr2ct.checkpoints import load_generator
 
 
 def checkpoint(tmp_path, generator: str):
@@ -43,7 +43,7 @@ def test_export_equals_pytorch_within_1e4_at_another_size(tmp_path, generator, f
 
 def test_translate_runs_an_onnx_model_like_the_checkpoint(tmp_path):
     from mr2ct.data.phantom import make_phantom
-    from mr2ct.translate import Preprocessing, translate_array
+    from mr2ct.inference import Preprocessing, translate_array
 
     ckpt = checkpoint(tmp_path, "unet")
     export(ckpt, tmp_path / "m.onnx", fmt="onnx")

@@ -85,7 +85,7 @@ def test_evaluate_on_paired_nifti_folders_without_bone_masks(trained, tmp_path):
     assert summary["n_cases"] == 2 and set(summary["metrics"]) == {"mae", "psnr", "ssim", "dice", "dice_mri"}
     rows = {r["case"]: r for r in csv.DictReader(open(tmp_path / "eval" / "metrics.csv"))}
     # the figures are those of the written synthetic CT against the real CT (bone: segment(real CT), no masks given)
-    from mr2ct.metrics import case_metrics
+    from mr2ct.evaluation.metrics import case_metrics
 
     for case, row in rows.items():
         sct = torch.as_tensor(np.asarray(nib.load(tmp_path / "eval" / "predictions" / f"{case}_sct.nii.gz").dataobj, dtype=np.float32))

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from conftest import tiny
-from mr2ct.guards import NonFiniteError, NonFiniteGuard, safe_torch_load
+from mr2ct.training.nonfinite import NonFiniteError, NonFiniteGuard
+from mr2ct.checkpoints import safe_torch_load
 from mr2ct.model import CycleGAN
 from mr2ct.train import train
 
@@ -163,7 +164,7 @@ def test_rng_states_saved_in_a_checkpoint_are_the_ones_restored():
 
     import numpy as np
 
-    from mr2ct.guards import RngStateCheckpoint
+    from mr2ct.training.resume import RngStateCheckpoint
 
     cb, checkpoint = RngStateCheckpoint(), {}
     torch.manual_seed(3), np.random.seed(3), random.seed(3)
@@ -177,7 +178,7 @@ def test_rng_states_saved_in_a_checkpoint_are_the_ones_restored():
 
 def test_training_checkpoints_go_through_the_safe_checkpoint_io(train_cfg, tmp_path, monkeypatch):
     """Every checkpoint Lightning writes in a fit is written atomically, every resume read is weights-only."""
-    import mr2ct.guards as guards
+    import mr2ct.training.checkpointing as guards
 
     written, read = [], []
     save, load = guards.atomic_torch_save, guards.safe_torch_load

@@ -9,18 +9,8 @@ import torch
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from mr2ct.data import PhantomDataModule
-from mr2ct.metrics import (
-    case_metrics,
-    collapse_diagnostics,
-    collapse_warnings,
-    dice,
-    mae_hu,
-    psnr_hu,
-    split_for_collapse,
-    ssim_hu,
-    ssim_map,
-    thumbnail,
-)
+from mr2ct.evaluation.metrics import case_metrics, dice, mae_hu, psnr_hu, ssim_hu, ssim_map
+from mr2ct.evaluation.collapse import collapse_diagnostics, collapse_warnings, split_for_collapse, thumbnail
 
 
 def test_mae_inside_mask_by_hand():
@@ -142,7 +132,7 @@ def test_collapse_monitor_logs_and_warns_only_on_collapse(phantom_pairs, collaps
     import warnings
     from types import SimpleNamespace
 
-    from mr2ct.callbacks import CollapseMonitor
+    from mr2ct.training.callbacks import CollapseMonitor
 
     mri, ct, batches = phantom_pairs
     logged = {}

@@ -7,7 +7,7 @@ import json
 import torch
 
 from conftest import tiny
-from mr2ct.export import safe_torch_load
+from mr2ct.checkpoints import safe_torch_load
 from mr2ct.train import train
 
 # augmentation on (rotation and noise are the random parts of the data pipeline), 3 batches

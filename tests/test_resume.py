@@ -15,7 +15,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import run_cli, tiny
 from mr2ct.config import PROJECT_ROOT
-from mr2ct.guards import atomic_torch_save, resume_argv, safe_torch_load
+from mr2ct.checkpoints import atomic_torch_save, safe_torch_load
+from mr2ct.training.resume import resume_argv
 from mr2ct.train import train
 
 N_TRAIN = 10  # batches per epoch (batch size 1)
@@ -26,7 +27,7 @@ RUN = [
     f"data.n_train={N_TRAIN}",
     "model.n_epochs=1",
     f"model.n_epochs_decay={EPOCHS - 1}",
-    "callbacks.last_checkpoint.every_n_batches=1",  # the kill-safe last.ckpt (mr2ct.callbacks.LastCheckpoint)
+    "callbacks.last_checkpoint.every_n_batches=1",  # the kill-safe last.ckpt (mr2ct.training.checkpointing.LastCheckpoint)
     "data.augment.rotation_prob=0",
 ]
 EXPECTED_STEPS = N_TRAIN * EPOCHS * 2  # two optimizer steps per batch

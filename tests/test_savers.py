@@ -80,7 +80,7 @@ def test_one_batch_fit_with_all_memory_savers(train_cfg, monkeypatch):
 
 def test_heap_trim_runs_after_every_backward(train_cfg):
     """callbacks.heap_trim: malloc_trim after each backward (G halves and D) of a real fit on CPU."""
-    from mr2ct.callbacks import HeapTrim
+    from mr2ct.training.callbacks import HeapTrim
 
     calls = []
 

@@ -9,7 +9,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from mr2ct.config import CONFIG_DIR
-from mr2ct.segment import body_mask, multiotsu_thresholds, otsu_threshold, run, segment_bone
+from mr2ct.evaluation.segmentation import body_mask, multiotsu_thresholds, otsu_threshold, segment_bone
+from mr2ct.segment import run
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

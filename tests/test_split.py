@@ -8,8 +8,9 @@ import pytest
 from hydra.utils import instantiate
 
 from conftest import run_cli
-from mr2ct.data.augment import augment_folder, read_split, write_phantom_nifti
-from mr2ct.split import make_split, write_split
+from mr2ct.data.augment import augment_folder, write_phantom_nifti
+from mr2ct.data.splits import read_split
+from mr2ct.data.splits import make_split, write_split
 
 SHAPE, SPACING = (24, 24, 32), (6.0, 6.0, 6.0)
 

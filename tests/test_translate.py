@@ -14,8 +14,9 @@ from omegaconf import OmegaConf
 from conftest import compose_train_cfg, run_cli, tiny
 from mr2ct.config import CONFIG_DIR
 from mr2ct.data.phantom import make_phantom
-from mr2ct.io import load_generator
-from mr2ct.translate import Preprocessing, run, translate_array
+from mr2ct.checkpoints import load_generator
+from mr2ct.inference import Preprocessing, translate_array
+from mr2ct.translate import run
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from mr2ct.config import set_project_root
+from mr2ct.errors import find_input_error
 
 TOOLS = ("train", "translate", "evaluate", "segment", "split", "leakcheck", "augment", "plan", "export")
 
@@ -32,6 +36,24 @@ RENAMED_VALUES: dict[str, dict[str, str]] = {"model.channels_last": {"true": "ch
 
 class UsageError(ValueError):
     """A command line that names a key the tool does not have."""
+
+
+@contextmanager
+def exit_on_user_error(*errors: type[BaseException]) -> Iterator[None]:
+    """Entry points: a user error (bad path, bad option, bad file) becomes one line on stderr, exit 2.
+
+    Anything else is a bug and keeps its traceback. An :class:`InputError` that MONAI wrapped on its way
+    out of a transform chain (``RuntimeError("applying transform ...")``) counts as the user error it is.
+    """
+    try:
+        yield
+    except Exception as err:
+        user_err: BaseException | None = err if isinstance(err, errors) else find_input_error(err)
+        if user_err is None:
+            raise
+        logging.getLogger("mr2ct").error(str(user_err))
+        print(f"mr2ct: error: {user_err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _trainer_arguments() -> set[str]:

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from mr2ct.errors import ConfigError
 
 _SOURCE_ROOT = Path(__file__).resolve().parents[2]
 #: where outputs/ goes by default: the repository in a source checkout, the launch folder for an installed package
 PROJECT_ROOT = _SOURCE_ROOT if (_SOURCE_ROOT / "pyproject.toml").is_file() and (_SOURCE_ROOT / "src" / "mr2ct").is_dir() else Path.cwd()
 #: the packaged configs (shipped in the wheel); users add their own with --config-dir or hydra.searchpath
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
+#: the dtypes ``model.optimizer_state`` may name (torch dtype names)
+OPTIMIZER_STATES = ("float32", "bfloat16")
 
 if not OmegaConf.has_resolver("add"):
     OmegaConf.register_new_resolver("add", lambda *xs: sum(xs))
@@ -25,14 +25,6 @@ if not OmegaConf.has_resolver("add"):
 def set_project_root() -> None:
     """Make ``${paths.root_dir}`` point at the repository unless the user chose otherwise."""
     os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
-
-
-class ConfigError(ValueError):
-    """A config that cannot work, found before any data is loaded or network built."""
-
-
-class InputError(ValueError):
-    """Unusable input: a data file, a checkpoint or an output path. The message names the file."""
 
 
 def _num_devices(devices: Any) -> int:
@@ -106,11 +98,9 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"model.{key} must be > 0, got {cfg.model[key]}")
     if int(cfg.model.get("pool_size", 0)) < 0:
         raise ConfigError(f"model.pool_size must be >= 0, got {cfg.model.pool_size}")
-    from mr2ct.model.optim import STATE_DTYPES  # here: importing torch is not needed for the rest of this module
-
     state = str(cfg.model.get("optimizer_state", "float32"))
-    if state not in STATE_DTYPES:
-        raise ConfigError(f"model.optimizer_state must be one of {sorted(STATE_DTYPES)}, got {state!r}")
+    if state not in OPTIMIZER_STATES:
+        raise ConfigError(f"model.optimizer_state must be one of {sorted(OPTIMIZER_STATES)}, got {state!r}")
     window = list(cfg.data.get("ct_window", [-1024, 3000]))
     if len(window) != 2 or not float(window[0]) < float(window[1]):
         raise ConfigError(f"data.ct_window must be [low, high] HU with low < high, got {window}")
@@ -120,32 +110,3 @@ def validate(cfg: DictConfig) -> None:
     guard = (cfg.get("callbacks") or {}).get("nonfinite_guard")
     if guard is not None and int(guard.get("max_consecutive", 1)) < 1:
         raise ConfigError(f"callbacks.nonfinite_guard.max_consecutive must be >= 1, got {guard.max_consecutive}")
-
-
-@contextmanager
-def exit_on_user_error(*errors: type[BaseException]) -> Iterator[None]:
-    """Entry points: a user error (bad path, bad option, bad file) becomes one line on stderr, exit 2.
-
-    Anything else is a bug and keeps its traceback. An :class:`InputError` that MONAI wrapped on its way
-    out of a transform chain (``RuntimeError("applying transform ...")``) counts as the user error it is.
-    """
-    try:
-        yield
-    except Exception as err:
-        user_err: BaseException | None = err if isinstance(err, errors) else find_input_error(err)
-        if user_err is None:
-            raise
-        logging.getLogger("mr2ct").error(str(user_err))
-        print(f"mr2ct: error: {user_err}", file=sys.stderr)
-        sys.exit(2)
-
-
-def find_input_error(err: BaseException | None) -> InputError | None:
-    """The :class:`InputError` in ``err``'s chain of causes (MONAI and thread pools wrap exceptions)."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, InputError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None

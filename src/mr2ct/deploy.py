@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mr2ct.config import InputError
+from mr2ct.errors import InputError
 
 __all__ = ["DEPLOY_FORMATS", "OnnxGenerator", "export_onnx", "export_torchscript", "load_deployed"]
 

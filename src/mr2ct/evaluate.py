@@ -7,7 +7,7 @@ Examples::
     python -m mr2ct.evaluate ckpt=... data=nifti data.test_a=/data/test/mri data.test_b=/data/test/ct \
         data.test_bone=/data/test/bone                      # bone masks optional: else segment(real CT)
 
-Per case: MAE / PSNR / SSIM (SynthRAD2023 protocol, :mod:`mr2ct.metrics`), bone Dice of the segmented
+Per case: MAE / PSNR / SSIM (SynthRAD2023 protocol, :mod:`mr2ct.evaluation.metrics`), bone Dice of the segmented
 synthetic CT and of the same segmentation applied to the MRI (the baseline the translation must beat);
 over the set: mean ± std and the mode-collapse diagnostics. Writes ``metrics.csv`` and ``summary.json``
 in the run folder and prints a table.
@@ -30,15 +30,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from mr2ct.config import CONFIG_DIR, exit_on_user_error
+from mr2ct.config import CONFIG_DIR
+from mr2ct.cli import exit_on_user_error
 from mr2ct.data.transforms import unit_to_hu
 from mr2ct.formats import write_volume
-from mr2ct.inference import inference_numerics, place_generator, translate_volume
-from mr2ct.io import load_generator
-from mr2ct.metrics import case_metrics, collapse_diagnostics, collapse_warnings, split_for_collapse, thumbnail
-from mr2ct.pictures import case_figure, summary_figure
-from mr2ct.segment import segment_bone, segment_params
-from mr2ct.translate import resolve_device
+from mr2ct.inference import inference_numerics, place_generator, resolve_device, translate_volume
+from mr2ct.checkpoints import load_generator
+from mr2ct.evaluation.metrics import case_metrics
+from mr2ct.evaluation.collapse import collapse_diagnostics, collapse_warnings, split_for_collapse, thumbnail
+from mr2ct.evaluation.pictures import case_figure, summary_figure
+from mr2ct.evaluation.segmentation import segment_bone, segment_params
 
 log = logging.getLogger("mr2ct.evaluate")
 

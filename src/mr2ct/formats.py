@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mr2ct.config import InputError
+from mr2ct.errors import InputError
 
 __all__ = [
     "NIFTI_SUFFIXES",

@@ -1,18 +1,26 @@
 """Whole-volume translation by sliding windows, shared by validation, translate and evaluate.
 
-Memory is bounded by the window (``roi_size``) and ``sw_batch_size``, not by the volume: windows run on
+:func:`translate_array` is what ``python -m mr2ct.translate`` does to one volume: the training
+preprocessing (:class:`Preprocessing`: orientation, spacing, intensity scaling), the windows, and the
+inverse of the preprocessing on the way out. Memory is bounded by the window (``roi_size``) and ``sw_batch_size``, not by the volume: windows run on
 ``sw_device`` and are stitched with gaussian weights on ``device`` (MONAI's sliding_window_inference).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
+from monai.transforms import Compose, Orientation, ScaleIntensityRangePercentiles, Spacing
+from torch import nn
 
+from mr2ct.data.transforms import hu_to_unit, unit_to_hu
 from mr2ct.numerics import bf16_fast
 
 
@@ -112,3 +120,87 @@ def translate_volume(
             device=device,
             progress=progress,
         )
+
+
+@dataclass
+class Preprocessing:
+    """What training did to a volume before the network saw it (read from the run's config)."""
+
+    orientation: str = "RAS"
+    spacing: Sequence[float] | None = None
+    ct_window: Sequence[float] = (-1024.0, 3000.0)
+    mri_percentiles: Sequence[float] = (0.5, 99.5)
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any], spacing: Any = "auto") -> Preprocessing:
+        """``spacing="auto"``: resample as the training data module did (only NIfTI data resamples)."""
+        data = run_config.get("data", {})
+        if spacing == "auto":
+            nifti = "Nifti" in str(data.get("_target_", ""))
+            spacing = data.get("spacing") if nifti else None
+        return cls(
+            orientation=str(data.get("orientation", "RAS")),
+            spacing=[float(s) for s in spacing] if spacing else None,
+            ct_window=[float(w) for w in data.get("ct_window", (-1024.0, 3000.0))],
+            mri_percentiles=[float(p) for p in data.get("mri_percentiles", (0.5, 99.5))],
+        )
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device} but no CUDA device is available (use device=cpu)")
+    return dev
+
+
+@torch.no_grad()
+def translate_array(
+    generator: nn.Module,
+    volume: np.ndarray,
+    affine: np.ndarray,
+    prep: Preprocessing,
+    roi_size: Sequence[int],
+    direction: str = "a2b",
+    overlap: float = 0.25,
+    sw_batch_size: int | str = "auto",
+    mode: str = "gaussian",
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    precision: str = "32-true",
+    memory_format: str = "contiguous",
+) -> np.ndarray:
+    """Translate ``volume`` (X, Y, Z) in raw units (MRI, or CT in HU for ``b2a``) with its ``affine``.
+
+    Returns float32 (X, Y, Z) in the input's voxel grid: HU for ``a2b``, normalised [-1, 1] for ``b2a``.
+    ``precision`` / ``memory_format``: how the windows run (:func:`translate_volume`); a
+    ``channels_last`` generator module is converted to NDHWC here.
+    """
+    spatial = [Orientation(axcodes=prep.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S")))]
+    if prep.spacing:
+        spatial.append(Spacing(pixdim=prep.spacing, mode="bilinear"))
+    spatial_xf = Compose(spatial)
+    x = spatial_xf(MetaTensor(torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None], affine=torch.as_tensor(affine, dtype=torch.float64)))
+    raw = x.as_tensor()
+    if direction == "a2b":
+        lo, hi = prep.mri_percentiles
+        net_in = ScaleIntensityRangePercentiles(lower=lo, upper=hi, b_min=-1.0, b_max=1.0, clip=True)(raw)
+    else:
+        net_in = hu_to_unit(raw, prep.ct_window)
+    net_in = torch.as_tensor(net_in, dtype=torch.float32)[None]  # (1, 1, X, Y, Z)
+    # keep only what the inverse needs: whole-volume copies are what grows with the volume
+    meta, ops = x.meta, x.applied_operations
+    del x, raw
+    device = torch.device(device)
+    generator = place_generator(generator, device, memory_format)
+    out = translate_volume(
+        generator, net_in, roi_size, overlap=overlap, sw_batch_size=sw_batch_size, mode=mode, sw_device=device, device="cpu", progress=progress,
+        precision=precision, memory_format=memory_format,
+    )[0]
+    del net_in
+    if direction == "a2b":
+        out = unit_to_hu(out, prep.ct_window)
+    back = spatial_xf.inverse(MetaTensor(out, meta=meta, applied_operations=ops))
+    del out
+    return back.as_tensor()[0].numpy().astype(np.float32, copy=False)

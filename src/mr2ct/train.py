@@ -28,8 +28,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from mr2ct.config import CONFIG_DIR, ConfigError, InputError, choose_strategy, find_input_error, set_project_root, validate
-from mr2ct.guards import NonFiniteError, SafeCheckpointIO, check_state_dict_compatible, resume_argv, safe_torch_load
+from mr2ct.config import CONFIG_DIR, choose_strategy, set_project_root, validate
+from mr2ct.errors import ConfigError, InputError, find_input_error
+from mr2ct.training.checkpointing import SafeCheckpointIO
+from mr2ct.training.nonfinite import NonFiniteError
+from mr2ct.training.resume import resume_argv
+from mr2ct.checkpoints import check_state_dict_compatible, safe_torch_load
 from mr2ct.numerics import resolve as resolve_numerics
 
 log = logging.getLogger("mr2ct.train")
@@ -108,7 +112,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if "paired" in cfg.loss and not datamodule.records("train_pairs"):
         raise ConfigError("loss=+paired needs registered training pairs: data.train_pairs_a/data.train_pairs_b (phantom: data.paired_fraction > 0)")
     if getattr(datamodule, "leakcheck", False):  # near-copies of evaluation volumes in training: stop here
-        from mr2ct.leakcheck import guard
+        from mr2ct.data.leaks import guard
 
         guard(datamodule)
     if ckpt_path is not None:  # refuse unsafe, corrupt or foreign checkpoints before any training state exists

@@ -24,115 +24,23 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import hydra
-import numpy as np
-import torch
-from monai.data import MetaTensor
-from monai.transforms import Compose, Orientation, ScaleIntensityRangePercentiles, Spacing
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 from tqdm import tqdm
 
-from mr2ct.config import CONFIG_DIR, exit_on_user_error
-from mr2ct.data.transforms import hu_to_unit, unit_to_hu
-from mr2ct.inference import inference_numerics, place_generator, translate_volume
-from mr2ct.config import InputError
+from mr2ct.config import CONFIG_DIR
+from mr2ct.cli import exit_on_user_error
+from mr2ct.inference import Preprocessing, inference_numerics, resolve_device, translate_array
+from mr2ct.errors import InputError
 from mr2ct.data.checks import check_volume
 from mr2ct.formats import (
     NIFTI_SUFFIXES, READ_SUFFIXES, SERIES_SEP, WRITE_SUFFIXES, dicom_series, is_dicom_folder, list_volumes, nifti_header, output_suffix, read_volume, volume_stem, volume_suffix, write_volume,
 )
-from mr2ct.io import load_generator
-from mr2ct.segment import segment_bone, segment_params
+from mr2ct.checkpoints import load_generator
+from mr2ct.evaluation.segmentation import segment_bone, segment_params
 
-
-
-@dataclass
-class Preprocessing:
-    """What training did to a volume before the network saw it (read from the run's config)."""
-
-    orientation: str = "RAS"
-    spacing: Sequence[float] | None = None
-    ct_window: Sequence[float] = (-1024.0, 3000.0)
-    mri_percentiles: Sequence[float] = (0.5, 99.5)
-
-    @classmethod
-    def from_run_config(cls, run_config: dict[str, Any], spacing: Any = "auto") -> Preprocessing:
-        """``spacing="auto"``: resample as the training data module did (only NIfTI data resamples)."""
-        data = run_config.get("data", {})
-        if spacing == "auto":
-            nifti = "Nifti" in str(data.get("_target_", ""))
-            spacing = data.get("spacing") if nifti else None
-        return cls(
-            orientation=str(data.get("orientation", "RAS")),
-            spacing=[float(s) for s in spacing] if spacing else None,
-            ct_window=[float(w) for w in data.get("ct_window", (-1024.0, 3000.0))],
-            mri_percentiles=[float(p) for p in data.get("mri_percentiles", (0.5, 99.5))],
-        )
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device} but no CUDA device is available (use device=cpu)")
-    return dev
-
-
-@torch.no_grad()
-def translate_array(
-    generator: nn.Module,
-    volume: np.ndarray,
-    affine: np.ndarray,
-    prep: Preprocessing,
-    roi_size: Sequence[int],
-    direction: str = "a2b",
-    overlap: float = 0.25,
-    sw_batch_size: int | str = "auto",
-    mode: str = "gaussian",
-    device: torch.device | str = "cpu",
-    progress: bool = False,
-    precision: str = "32-true",
-    memory_format: str = "contiguous",
-) -> np.ndarray:
-    """Translate ``volume`` (X, Y, Z) in raw units (MRI, or CT in HU for ``b2a``) with its ``affine``.
-
-    Returns float32 (X, Y, Z) in the input's voxel grid: HU for ``a2b``, normalised [-1, 1] for ``b2a``.
-    ``precision`` / ``memory_format``: how the windows run (:func:`mr2ct.inference.translate_volume`); a
-    ``channels_last`` generator module is converted to NDHWC here.
-    """
-    spatial = [Orientation(axcodes=prep.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S")))]
-    if prep.spacing:
-        spatial.append(Spacing(pixdim=prep.spacing, mode="bilinear"))
-    spatial_xf = Compose(spatial)
-    x = spatial_xf(MetaTensor(torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None], affine=torch.as_tensor(affine, dtype=torch.float64)))
-    raw = x.as_tensor()
-    if direction == "a2b":
-        lo, hi = prep.mri_percentiles
-        net_in = ScaleIntensityRangePercentiles(lower=lo, upper=hi, b_min=-1.0, b_max=1.0, clip=True)(raw)
-    else:
-        net_in = hu_to_unit(raw, prep.ct_window)
-    net_in = torch.as_tensor(net_in, dtype=torch.float32)[None]  # (1, 1, X, Y, Z)
-    # keep only what the inverse needs: whole-volume copies are what grows with the volume
-    meta, ops = x.meta, x.applied_operations
-    del x, raw
-    device = torch.device(device)
-    generator = place_generator(generator, device, memory_format)
-    out = translate_volume(
-        generator, net_in, roi_size, overlap=overlap, sw_batch_size=sw_batch_size, mode=mode, sw_device=device, device="cpu", progress=progress,
-        precision=precision, memory_format=memory_format,
-    )[0]
-    del net_in
-    if direction == "a2b":
-        out = unit_to_hu(out, prep.ct_window)
-    back = spatial_xf.inverse(MetaTensor(out, meta=meta, applied_operations=ops))
-    del out
-    return back.as_tensor()[0].numpy().astype(np.float32, copy=False)
 
 
 def _split_suffix(output: Path) -> tuple[str, str]:
@@ -238,7 +146,7 @@ def run(cfg: DictConfig) -> list[Path]:
             written.append(write_volume(bone, affine, bone_path(dst), dtype="uint8", overwrite=bool(cfg.overwrite), header=header))
             msg += f" (+ {bone_path(dst).name}, {int(bone.sum())} bone voxels)"
         if cfg.get("preview") and cfg.direction == "a2b":
-            from mr2ct.pictures import preview_figure
+            from mr2ct.evaluation.pictures import preview_figure
 
             png = preview_path(dst)
             preview_figure(png, volume, out, bone if cfg.segment else None, title=f"{src.name} -> {dst.name}")

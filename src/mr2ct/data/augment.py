@@ -4,7 +4,7 @@ The original data set was inflated offline: each volume was kept and joined by 1
 copies. :func:`augment_folder` reproduces that recipe with the same transforms training uses on the fly
 (:class:`~mr2ct.data.transforms.RandGaussianRotated`, :class:`~mr2ct.data.transforms.RandRecipeNoised`)
 and records, per written file, its source subject, the augmentation and its parameters and a sha256 in
-``manifest.csv``, so a split can keep every copy of a subject on one side (:mod:`mr2ct.split`).
+``manifest.csv``, so a split can keep every copy of a subject on one side (:mod:`mr2ct.data.splits`).
 
 Noise is defined on normalised intensities ([-1, 1]) but copies are written in the input's units. The
 map between the two is the linear part of the training normalisation, without its clipping, so it is
@@ -25,10 +25,8 @@ change the copies of the others, and an MRI and a CT with the same stem get the 
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
-import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,40 +37,12 @@ import numpy as np
 import torch
 
 from mr2ct.data.transforms import RandGaussianRotated, RandRecipeNoised
-from mr2ct.formats import list_volumes, read_volume, volume_stem
+from mr2ct.data.checks import load_volume
+from mr2ct.data.manifest import MANIFEST, sha256_file, write_manifest
+from mr2ct.formats import list_volumes, volume_stem
 
-MANIFEST = "manifest.csv"
-MANIFEST_FIELDS = ("file", "subject", "source", "augmentation", "params", "sha256")
 #: 1st-percentile intensity below which a volume is taken for a CT in HU (air is -1000 HU, MRI >= 0)
 CT_AIR_THRESHOLD = -500.0
-
-
-#: a stem's subject id: the stem without the suffixes augment_folder appends (_rot03, _noise07)
-SUBJECT_PATTERN = r"^(.+?)(?:_(?:rot|noise|aug)\d+)?$"
-
-
-def subject_id(stem: str, pattern: str = SUBJECT_PATTERN) -> str:
-    """Source-subject id of a file stem: the first group of ``pattern`` (the stem itself when it does not match)."""
-    m = re.match(pattern, stem)
-    return m.group(1) if m and m.groups() else stem
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """``(array (X, Y, Z) float32 in file units with the header's scaling applied, affine (4, 4))``, any format,
-    checked as training checks it (finite, no axis of size 1)."""
-    from mr2ct.data.checks import check_volume
-
-    array, affine = read_volume(path)
-    check_volume(array, str(path))
-    return array, affine
 
 
 def save_volume(path: str | Path, array: np.ndarray, affine: np.ndarray) -> None:
@@ -218,22 +188,6 @@ def augment_folder(
     return rows
 
 
-def write_manifest(rows: Sequence[dict[str, str]], path: str | Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def read_manifest(path: str | Path) -> list[dict[str, str]]:
-    """Rows of a ``manifest.csv`` (needs at least the columns ``file`` and ``subject``)."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if rows and not {"file", "subject"} <= set(rows[0]):
-        raise ValueError(f"{path}: a manifest needs the columns 'file' and 'subject', got {list(rows[0])}")
-    return rows
-
-
 def write_phantom_nifti(
     folder: str | Path,
     seeds: Sequence[int],
@@ -267,24 +221,3 @@ def write_phantom_nifti(
         save_volume(path, vol, affine)
         paths.append(path)
     return paths
-
-
-def read_split(path: str | Path) -> dict[str, Any]:
-    """A split file (``python -m mr2ct.split``) with its paths made absolute; checks the keys the data module needs."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"split file not found: {path}")
-    split = json.loads(path.read_text())
-    missing = [k for k in ("train_a", "train_b", "val", "test") if k not in split]
-    if missing:
-        raise ValueError(f"{path}: split file lacks {missing}")
-    base = path.parent.resolve()
-
-    def absolute(p: str) -> str:
-        return str((base / p).resolve())
-
-    for key in ("train_a", "train_b", "excluded"):
-        split[key] = [absolute(p) for p in split.get(key, [])]
-    for key in ("val", "test"):
-        split[key] = [{k: (v if k == "name" else absolute(v)) for k, v in rec.items()} for rec in split[key]]
-    return split

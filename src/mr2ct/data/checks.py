@@ -14,14 +14,17 @@ import logging
 import math
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from mr2ct.config import InputError, find_input_error  # noqa: F401  (re-exported: the data chain's errors)
+from mr2ct.errors import InputError
 from mr2ct.formats import VolumeError, read_volume
 
 log = logging.getLogger("mr2ct.data")
@@ -121,4 +124,12 @@ class CheckVolumed(MapTransform):
         return d
 
 
-__all__ = ["CheckVolumed", "InputError", "LoadVolumed", "check_volume", "find_input_error", "MIN_PATCH_FRACTION"]
+def load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(array (X, Y, Z) float32 in file units with the header's scaling applied, affine (4, 4))``, any format,
+    checked as training checks it (finite, no axis of size 1)."""
+    array, affine = read_volume(path)
+    check_volume(array, str(path))
+    return array, affine
+
+
+__all__ = ["CheckVolumed", "LoadVolumed", "check_volume", "load_volume", "MIN_PATCH_FRACTION"]

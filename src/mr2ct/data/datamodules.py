@@ -129,7 +129,7 @@ class CycleGANDataModule(pl.LightningDataModule):
             raise ValueError(f"data.body_patch_prob must be in [0, 1], got {body_patch_prob}")
         self.patches_per_epoch = int(patches_per_epoch) if patches_per_epoch else None
         self.body_patch_prob = float(body_patch_prob)
-        self.leakcheck = bool(leakcheck)  # read by the train entry (mr2ct.leakcheck.guard) before fitting
+        self.leakcheck = bool(leakcheck)  # read by the train entry (mr2ct.data.leaks.guard) before fitting
         self.patch_size = [int(p) for p in patch_size]
         self.batch_size = int(batch_size)
         self.samples_per_volume = int(samples_per_volume)
@@ -379,7 +379,7 @@ class NiftiDataModule(CycleGANDataModule):
 
     def records(self, split: str) -> list[dict[str, Any]]:
         if self.split_file and split != "train_pairs":  # pairs come from their folders
-            from mr2ct.data.augment import read_split
+            from mr2ct.data.splits import read_split
 
             listed = read_split(self.split_file)[split]
             if split.startswith("train"):

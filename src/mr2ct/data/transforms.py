@@ -145,7 +145,7 @@ class RandRecipeNoised(RandomizableTransform, MapTransform):
 class BodyMaskd(MapTransform):
     """Add a body mask (1, X, Y, Z) under ``<key>_body`` for each normalised volume ``key``.
 
-    Body = largest component above the air threshold, holes filled (:func:`mr2ct.segment.body_mask`). The
+    Body = largest component above the air threshold, holes filled (:func:`mr2ct.evaluation.segmentation.body_mask`). The
     threshold is -500 HU for CT (``modality="ct"``) and the volume's Otsu threshold for MRI. Deterministic,
     so a cached dataset computes it once per volume.
     """
@@ -156,7 +156,7 @@ class BodyMaskd(MapTransform):
         self.ct_threshold = float(hu_to_unit(np.array(-500.0), ct_window))
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        from mr2ct.segment import body_mask
+        from mr2ct.evaluation.segmentation import body_mask
 
         d = dict(data)
         for key, modality in zip(self.key_iterator(d), self.modality):

@@ -35,6 +35,7 @@ from mr2ct.data.transforms import unit_to_hu
 from mr2ct.inference import translate_volume
 from mr2ct.model.optim import adam
 from mr2ct.model.pool import ImagePool
+from mr2ct.model.step import StepHooks, cyclegan_step
 from mr2ct.nets import init_weights
 
 OPTIONAL_TERMS = ("identity", "gc", "mind", "perceptual", "paired")
@@ -251,40 +252,20 @@ class CycleGAN(pl.LightningModule):
         self.pool_b.commit(self._pool_next_b)
 
     def _step_ok(self, terms: Mapping[str, Tensor], optimizer: Any, prefix: str = "") -> bool:
-        """Ask the non-finite guard (:class:`mr2ct.guards.NonFiniteGuard`, attached at fit start) before a step."""
+        """Ask the non-finite guard (:class:`mr2ct.training.nonfinite.NonFiniteGuard`, attached at fit start) before a step."""
         guard = getattr(self, "nonfinite_guard", None)
         return True if guard is None else guard.ok(self.trainer, terms, optimizer, prefix)
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
-        real_a, real_b = batch["a"], batch["b"]
-        if self.channels_last:
-            real_a = real_a.contiguous(memory_format=torch.channels_last_3d)
-            real_b = real_b.contiguous(memory_format=torch.channels_last_3d)
         opt_g, opt_d = self.optimizers()
-
-        self.toggle_optimizer(opt_g)  # D params frozen: the G backward computes no D gradients
-        opt_g.zero_grad(set_to_none=True)
-        extras = {k: batch[k] for k in ("mask_a", "mask_b", "paired") if k in batch}
-        g_terms, fake_a, fake_b = self.generator_backward(real_a, real_b, self.manual_backward, extras)
-        loss_g = torch.stack([v.detach() for v in g_terms.values()]).sum()
-        if not self._step_ok(g_terms, opt_g, "g_"):  # NaN/Inf: skip the batch, pools and weights untouched
-            self.untoggle_optimizer(opt_g)
+        hooks = StepHooks(backward=self.manual_backward, toggle=self.toggle_optimizer, untoggle=self.untoggle_optimizer, step_ok=self._step_ok)
+        done = cyclegan_step(self, opt_g, opt_d, batch, hooks)
+        if done is None:  # skipped by the non-finite guard
             return
-        opt_g.step()
-        opt_g.zero_grad(set_to_none=True)  # the G gradients are not needed while D trains, nor D's at the next G step
-        self.untoggle_optimizer(opt_g)
-
-        self.toggle_optimizer(opt_d)
-        d_terms = self.discriminator_losses(real_a, real_b, fake_a, fake_b)
+        g_terms, d_terms = done
+        loss_g = torch.stack([v.detach() for v in g_terms.values()]).sum()
         loss_d = d_terms["d_a"] + d_terms["d_b"]
-        opt_d.zero_grad(set_to_none=True)
-        self.manual_backward(loss_d)
-        if self._step_ok(d_terms, opt_d):
-            opt_d.step()
-            self.commit_pools()
-        opt_d.zero_grad(set_to_none=True)
-        self.untoggle_optimizer(opt_d)
-
+        real_a = batch["a"]
         logs = {f"train/g_{k}": v.detach() for k, v in g_terms.items()}
         logs.update({f"train/{k}": v.detach() for k, v in d_terms.items()})
         self.log_dict(logs, batch_size=real_a.shape[0])
@@ -332,7 +313,7 @@ class CycleGAN(pl.LightningModule):
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Tensor]:
         """MAE / PSNR / SSIM in the body and bone Dice of one whole paired volume (as ``evaluate``)."""
-        from mr2ct.metrics import case_metrics  # one implementation for validation and evaluate
+        from mr2ct.evaluation.metrics import case_metrics# one implementation for validation and evaluate
 
         real_a, real_b = plain(batch["a"]), plain(batch["b"])
         fake_b = self.translate(real_a, "a2b")
@@ -344,7 +325,7 @@ class CycleGAN(pl.LightningModule):
         return {"fake_b": fake_b}
 
     def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        from mr2ct.metrics import case_metrics
+        from mr2ct.evaluation.metrics import case_metrics
 
         real_a, real_b = plain(batch["a"]), plain(batch["b"])
         fake_b = self.translate(real_a, "a2b")

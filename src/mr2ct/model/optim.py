@@ -19,8 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mr2ct.config import OPTIMIZER_STATES
+
 #: config value -> dtype of the Adam moments
-STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+STATE_DTYPES = {name: getattr(torch, name) for name in OPTIMIZER_STATES}
 
 
 def adam(params: list[nn.Parameter], lr: float, betas: tuple[float, float], state_dtype: str = "float32") -> torch.optim.Optimizer:

@@ -1,4 +1,4 @@
-"""Metrics of synthetic CT against real CT (SynthRAD2023 protocol), bone Dice, mode-collapse diagnostics.
+"""Metrics of synthetic CT against real CT (SynthRAD2023 protocol) and bone Dice (collapse: :mod:`.collapse`).
 
 One implementation serves validation during training, ``python -m mr2ct.evaluate`` and the tests.
 
@@ -13,14 +13,15 @@ SynthRAD2023 (MR->CT) computes, inside a body mask:
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from monai.metrics import compute_dice
 from torch import Tensor
 from torchmetrics.functional.image import peak_signal_noise_ratio
+
+from mr2ct.evaluation.segmentation import body_mask as seg_body_mask
+from mr2ct.evaluation.segmentation import segment_bone
 
 #: voxels of the reference CT above this are "body" (air is -1000 HU, fat about -100 HU)
 BODY_THRESHOLD_HU = -500.0
@@ -31,7 +32,7 @@ SYNTHRAD_RANGE = (-1024.0, 3000.0)
 def body_mask(ct_hu: Tensor, threshold: float = BODY_THRESHOLD_HU) -> Tensor:
     """Boolean mask of voxels denser than ``threshold`` HU, same shape as ``ct_hu``.
 
-    A plain threshold; :func:`mr2ct.segment.body_mask` adds the largest component and hole filling.
+    A plain threshold; :func:`mr2ct.evaluation.segmentation.body_mask` adds the largest component and hole filling.
     """
     return ct_hu > threshold
 
@@ -112,90 +113,6 @@ def dice(pred: Tensor, ref: Tensor) -> Tensor:
     return compute_dice(p, r, include_background=True, ignore_empty=False)[0, 0]
 
 
-# -- mode-collapse diagnostics -------------------------------------------------------------------
-
-#: defaults of the collapse warnings: the real CTs of 4 phantom test MRIs score diversity 0.22, identifiability 1;
-#: identical outputs score 0 and 1/N
-MIN_DIVERSITY = 0.1
-MIN_IDENTIFIABILITY = 0.75
-
-
-def _common_grid(volumes: Sequence[Tensor], grid: Sequence[int] | None) -> Tensor:
-    """Stack volumes (X, Y, Z) to (N, X', Y', Z'); resampled (trilinear) to ``grid`` or when shapes differ."""
-    shapes = {tuple(v.shape) for v in volumes}
-    if grid is None and len(shapes) == 1:
-        return torch.stack([v.float() for v in volumes])
-    size = tuple(int(g) for g in grid) if grid is not None else tuple(min(s[i] for s in shapes) for i in range(3))
-    return torch.cat([F.interpolate(v.float()[None, None], size=size, mode="trilinear", align_corners=False)[0] for v in volumes])
-
-
-def mean_pairwise_distance(volumes: Tensor) -> Tensor:
-    """Mean over pairs i < j of the mean absolute voxel difference; ``volumes`` (N, ...), N >= 2."""
-    n = volumes.shape[0]
-    if n < 2:
-        raise ValueError("pairwise distances need at least 2 volumes")
-    flat = volumes.reshape(n, -1)
-    d = [(flat[i] - flat[j]).abs().mean() for i, j in itertools.combinations(range(n), 2)]
-    return torch.stack(d).mean()
-
-
-def gradient_magnitude(volume: Tensor) -> Tensor:
-    """|grad| by central differences (one-sided at the border), same shape as ``volume`` (X, Y, Z)."""
-    grads = torch.gradient(volume.float())
-    return torch.sqrt(sum(g * g for g in grads))
-
-
-def ncc_matrix(a: Tensor, b: Tensor) -> Tensor:
-    """Normalised cross-correlation of every a_i with every b_j: ``a`` (N, ...), ``b`` (M, ...) -> (N, M)."""
-    a, b = a.reshape(a.shape[0], -1).double(), b.reshape(b.shape[0], -1).double()
-    a = a - a.mean(1, keepdim=True)
-    b = b - b.mean(1, keepdim=True)
-    a = a / a.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    b = b / b.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return (a @ b.t()).float()
-
-
-def collapse_diagnostics(inputs: Sequence[Tensor], outputs: Sequence[Tensor], grid: Sequence[int] | None = None) -> dict[str, float]:
-    """Diversity ratio and identifiability of N >= 4 translations (normalised intensities).
-
-    ``inputs[i]`` and ``outputs[i]``: volumes (X, Y, Z), the input of translation i and its output
-    (resampled to a common ``grid`` when given or when shapes differ).
-
-    - ``diversity``: mean pairwise distance between outputs / mean pairwise distance between inputs
-      (mean absolute difference); near 0 = every input gets the same output.
-    - ``identifiability``: the fraction of outputs whose own input is the best match among all inputs
-      by NCC of gradient magnitudes; 1.0 = each output keeps its input's anatomy, 1/N = chance.
-    """
-    if len(inputs) != len(outputs):
-        raise ValueError(f"{len(inputs)} inputs but {len(outputs)} outputs")
-    if len(inputs) < 4:
-        raise ValueError(f"collapse diagnostics need N >= 4 translations, got {len(inputs)}")
-    x = _common_grid(list(inputs), grid)
-    y = _common_grid(list(outputs), grid if grid is not None else tuple(x.shape[1:]))
-    div_in = mean_pairwise_distance(x)
-    diversity = float(mean_pairwise_distance(y) / div_in.clamp_min(1e-12))
-    ncc = ncc_matrix(torch.stack([gradient_magnitude(v) for v in y]), torch.stack([gradient_magnitude(v) for v in x]))
-    # a row with tied best matches (e.g. a constant output) counts as a miss
-    best = ncc.max(dim=1).values
-    own = ncc.diagonal()
-    unique = (ncc >= best[:, None] - 1e-6).sum(dim=1) == 1
-    identifiability = float(((own >= best - 1e-6) & unique).float().mean())
-    return {"diversity": diversity, "identifiability": identifiability, "n": float(len(inputs))}
-
-
-def collapse_warnings(diag: dict[str, float], min_diversity: float = MIN_DIVERSITY, min_identifiability: float = MIN_IDENTIFIABILITY) -> list[str]:
-    """Human-readable warnings for diagnostics below the thresholds (empty list = no collapse seen)."""
-    out = []
-    if diag["diversity"] < min_diversity:
-        out.append(f"diversity {diag['diversity']:.3f} < {min_diversity}: outputs vary much less than inputs (mode collapse?)")
-    if diag["identifiability"] < min_identifiability:
-        out.append(
-            f"identifiability {diag['identifiability']:.2f} < {min_identifiability}: outputs do not keep their input's anatomy "
-            f"(chance is {1 / diag['n']:.2f})"
-        )
-    return out
-
-
 def sct_metrics(pred_hu: Tensor, ref_hu: Tensor, body: Tensor) -> dict[str, float]:
     """MAE, PSNR, SSIM of a synthetic CT against the real CT inside ``body``; volumes (X, Y, Z) in HU."""
     return {
@@ -203,37 +120,6 @@ def sct_metrics(pred_hu: Tensor, ref_hu: Tensor, body: Tensor) -> dict[str, floa
         "psnr": float(psnr_hu(pred_hu, ref_hu, body)),
         "ssim": float(ssim_hu(pred_hu, ref_hu, body)),
     }
-
-
-def thumbnail(volume: Tensor, max_side: int = 64) -> Tensor:
-    """``volume`` (X, Y, Z) shrunk (trilinear) so that no side exceeds ``max_side``; on the CPU, float32.
-
-    Keeps the memory of collapse diagnostics over many large volumes small.
-    """
-    v = volume.detach().float().cpu()
-    scale = max_side / max(v.shape)
-    if scale >= 1:
-        return v.clone()
-    size = [max(1, round(s * scale)) for s in v.shape]
-    return F.interpolate(v[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
-
-
-def split_for_collapse(inputs: Sequence[Tensor], outputs: Sequence[Tensor], min_n: int = 4) -> tuple[list[Tensor], list[Tensor]]:
-    """With fewer than ``min_n`` translations, cut each volume along Z (the spine) into equal blocks.
-
-    Blocks of one volume hold different anatomy (other vertebrae), so the diagnostics stay meaningful
-    for a small validation set (the phantom's default has 2 volumes).
-    """
-    n = len(inputs)
-    if n == 0 or n >= min_n:
-        return list(inputs), list(outputs)
-    k = -(-min_n // n)
-    xs, ys = [], []
-    for x, y in zip(inputs, outputs):
-        z = min(x.shape[-1], y.shape[-1]) // k * k
-        xs += list(x[..., :z].chunk(k, dim=-1))
-        ys += list(y[..., :z].chunk(k, dim=-1))
-    return xs, ys
 
 
 def case_metrics(
@@ -248,12 +134,9 @@ def case_metrics(
     Volumes (X, Y, Z): ``pred_hu``, ``ref_hu`` in HU; ``ref_bone`` the reference bone mask (default: the
     same segmentation of the real CT); ``mri`` (any units) for the baseline "the same thresholding
     applied to the MRI" (``dice_mri``), its body found with ``air_threshold=auto``. The body mask is
-    :func:`mr2ct.segment.body_mask` of the real CT; ``segment``: keyword arguments of
-    :func:`mr2ct.segment.segment_bone`.
+    :func:`mr2ct.evaluation.segmentation.body_mask` of the real CT; ``segment``: keyword arguments of
+    :func:`mr2ct.evaluation.segmentation.segment_bone`.
     """
-    from mr2ct.segment import body_mask as seg_body_mask
-    from mr2ct.segment import segment_bone
-
     params = dict(segment or {})
     pred, ref = pred_hu.detach().float().cpu(), ref_hu.detach().float().cpu()
     body = torch.from_numpy(seg_body_mask(ref.numpy(), params.get("air_threshold", BODY_THRESHOLD_HU)))

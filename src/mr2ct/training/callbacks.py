@@ -145,7 +145,7 @@ class CollapseMonitor(pl.Callback):
     """Mode-collapse diagnostics over the validation translations: ``val/diversity``, ``val/identifiability``.
 
     Collects (input MRI, synthetic CT) of up to ``max_volumes`` validation volumes, shrunk to at most
-    ``max_side`` voxels per side, and computes :func:`mr2ct.metrics.collapse_diagnostics` at the end of
+    ``max_side`` voxels per side, and computes :func:`mr2ct.evaluation.collapse.collapse_diagnostics` at the end of
     each validation epoch (validation sets of fewer than 4 volumes are cut into Z-blocks). Warns in the
     console when a number falls below its threshold. Reads the ``fake_b`` returned by
     ``validation_step``; under DDP each process judges its own share of the volumes.
@@ -164,7 +164,7 @@ class CollapseMonitor(pl.Callback):
     def on_validation_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        from mr2ct.metrics import thumbnail
+        from mr2ct.evaluation.collapse import thumbnail
 
         if trainer.sanity_checking or not isinstance(outputs, dict) or "fake_b" not in outputs:
             return
@@ -176,7 +176,7 @@ class CollapseMonitor(pl.Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from pytorch_lightning.utilities import rank_zero_warn
 
-        from mr2ct.metrics import collapse_diagnostics, collapse_warnings, split_for_collapse
+        from mr2ct.evaluation.collapse import collapse_diagnostics, collapse_warnings, split_for_collapse
 
         if trainer.sanity_checking or not self._inputs:
             return
@@ -228,46 +228,3 @@ class ValidationNiftiWriter(pl.Callback):
             write_volume(torch.as_tensor(batch["a"])[0, 0].float().cpu().numpy(), affine, ref / f"{name}_mri_normalised.nii.gz", overwrite=True)
             ct = unit_to_hu(torch.as_tensor(batch["b"])[0, 0].float().cpu(), window).numpy()
             write_volume(ct, affine, ref / f"{name}_ct.nii.gz", dtype="int16", overwrite=True)
-
-
-class LastCheckpoint(pl.callbacks.ModelCheckpoint):
-    """``last.ckpt`` on a wall-clock interval and/or every N batches, independent of validation, and at the end.
-
-    The best-model checkpoint is written only when validation runs (every few epochs); a run killed in
-    between (SIGKILL, the OOM killer, a node failure: nothing to catch) would lose everything since. This
-    callback bounds the loss to ``every_n_minutes`` of training, and writes ``last.ckpt`` once more when
-    fitting ends for any reason (``trainer.max_time``, ``max_steps``, the schedule's end). A checkpoint written
-    mid-epoch resumes mid-epoch. Scores nothing and keeps no other file.
-
-    Args:
-        dirpath: checkpoint folder (the run's ``checkpoints/``).
-        every_n_minutes: wall-clock interval between saves (None: off).
-        every_n_batches: batches between saves (None: off); each batch is two optimizer steps.
-    """
-
-    def __init__(self, dirpath: str, every_n_minutes: float | None = 15.0, every_n_batches: int | None = None) -> None:
-        from datetime import timedelta
-
-        interval = timedelta(minutes=float(every_n_minutes)) if every_n_minutes else None
-        # Lightning counts optimizer steps: two per batch with the two CycleGAN optimizers
-        steps = 2 * int(every_n_batches) if every_n_batches and interval is None else None
-        super().__init__(dirpath=dirpath, save_top_k=0, save_last=True, monitor=None, train_time_interval=interval,
-                         every_n_train_steps=steps, save_on_train_epoch_end=False, enable_version_counter=False)
-        self.every_n_batches = int(every_n_batches) if every_n_batches else None
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        # both triggers at once: the time interval is Lightning's, the batch count ours
-        if self.every_n_batches and self._train_time_interval is not None and trainer.global_step % (2 * self.every_n_batches) == 0:
-            if self._last_global_step_saved != trainer.global_step:
-                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # skipped when this step is on disk already (validation's checkpoint at the schedule's end)
-        saved = {getattr(cb, "_last_global_step_saved", None) for cb in trainer.checkpoint_callbacks}
-        if trainer.global_step > 0 and trainer.global_step not in saved:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-    @property
-    def state_key(self) -> str:
-        return "LastCheckpoint"

@@ -1,0 +1,1 @@
+"""Judging translations: bone segmentation, SynthRAD metrics, mode-collapse diagnostics, three-plane pictures."""
