@@ -16,7 +16,7 @@ PyTorch's own layers to what the generators use:
 Keys: ``steps`` (timed steps per variant, after one warm-up), ``threads`` (0 = torch's default), ``top``
 (profiler rows), ``ablate``, ``ceiling`` (edge of the ceiling conv's cube, default 64); any ``a.b=c`` is a
 train-config override. The step is
-:func:`mr2ct.profiling.manual_step` (the module's own G and D losses and backward, no Trainer).
+:func:`mr2ct.model.step.cyclegan_step` (the step training runs, without a Trainer).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from mr2ct import profiling as P
 from mr2ct.nets import cpu_conv
-from mr2ct.nets.init import InstanceNorm3d
+from mr2ct.nets.norms import InstanceNorm3d
 
 #: variant -> the classes switched back to PyTorch's own (class -> torch class)
 UNDO = {

@@ -7,16 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from mr2ct.losses import (
-    VGG16_LAYERS,
     AdversarialLoss,
     CycleLoss,
     GradientConsistencyLoss,
     IdentityLoss,
     PerceptualLoss,
-    VGG16Features,
     central_differences,
     gradient_correlation,
 )
+from mr2ct.nets.vgg import VGG16_LAYERS, VGG16Features
 
 
 def _vol(b=1, c=1, s=8, seed=0):

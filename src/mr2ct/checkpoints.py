@@ -263,7 +263,7 @@ def _write_deployable(ckpt_path: str | Path, config: dict[str, Any], output: Pat
 
 
 def load_exported(path: str | Path, direction: str = "a2b", map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """(generator in eval mode, config) from an exported .safetensors file; see :func:`mr2ct.io.load_generator`."""
+    """(generator in eval mode, config) from an exported .safetensors file; see :func:`load_generator`."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)

@@ -7,7 +7,8 @@ from typing import Any
 
 # the data modules (and Lightning with them) load on first use: translate and segment read volumes through
 # mr2ct.data.transforms/checks and must not pay for the training stack
-_LAZY = {name: "mr2ct.data.datamodules" for name in ("CycleGANDataModule", "NiftiDataModule", "PhantomDataModule", "TrainPatches")}
+_LAZY = {**{name: "mr2ct.data.datamodules" for name in ("CycleGANDataModule", "NiftiDataModule", "PhantomDataModule")},
+         "TrainPatches": "mr2ct.data.patches"}
 
 
 def __getattr__(name: str) -> Any:

@@ -9,11 +9,10 @@ Intensities are normalised to [-1, 1] (see :mod:`mr2ct.data.transforms`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset, list_data_collate
@@ -21,87 +20,16 @@ from monai.data import DataLoader as MonaiDataLoader
 from monai.transforms import (
     Compose,
     EnsureTyped,
-    MapTransform,
     Orientationd,
     Spacingd,
 )
 from torch.utils.data import DataLoader
 
 from mr2ct.data.checks import CheckVolumed, LoadVolumed
-from mr2ct.data.phantom import make_anatomy, render_ct, render_mri
-from mr2ct.data.transforms import BodyMaskd, normalize_ct, normalize_mri, patch_transforms
+from mr2ct.data.patches import TrainPatches
+from mr2ct.data.transforms import BodyMaskd, PhantomLoadd, normalize_ct, normalize_mri, patch_transforms
 from mr2ct.formats import list_volumes, volume_stem
 
-
-
-class TrainPatches(torch.utils.data.Dataset):
-    """Training samples: unpaired draws from domains ``a`` and ``b``, and registered ``pairs`` when given.
-
-    Items of ``a``/``b`` are dicts with ``"image"`` and ``"image_body"``, items of ``pairs`` dicts with
-    ``"a"``, ``"b"``, ``"a_body"``, ``"b_body"`` (or lists of such dicts, one per patch sampled from a
-    volume). A sample is ``{"a", "b", "mask_a", "mask_b", "paired"}`` (or a list of them).
-
-    Without ``length`` an epoch visits every volume of the longer domain once (the shorter one is
-    resampled at random) and every pair once. With ``length`` an epoch is that many draws, each a pair
-    with probability n_pairs / (n_pairs + n_longer_domain) and a random volume of each domain otherwise,
-    so the training length does not depend on how many files there are.
-    """
-
-    def __init__(
-        self,
-        a: torch.utils.data.Dataset,
-        b: torch.utils.data.Dataset,
-        pairs: torch.utils.data.Dataset | None = None,
-        length: int | None = None,
-    ) -> None:
-        self.a, self.b, self.pairs = a, b, pairs
-        self.len_a, self.len_b = len(a), len(b)  # type: ignore[arg-type]
-        self.len_pairs = len(pairs) if pairs is not None else 0  # type: ignore[arg-type]
-        self.n_unpaired = max(self.len_a, self.len_b) if self.len_a and self.len_b else 0
-        if self.n_unpaired + self.len_pairs == 0:
-            raise ValueError("no training volumes: both domains (or the pairs) need at least one volume")
-        self.length = int(length) if length else None
-
-    def __len__(self) -> int:
-        return self.length or self.n_unpaired + self.len_pairs
-
-    @staticmethod
-    def _draw(n: int) -> int:
-        # torch's RNG is seeded per worker by Lightning (seed_everything(workers=True)) and per epoch
-        # by the sampler, so draws differ between epochs and workers
-        return int(torch.randint(n, (1,)).item())
-
-    def __getitem__(self, i: int) -> Any:
-        if self.length:
-            total = self.n_unpaired + self.len_pairs
-            k = self._draw(total)
-            if k >= self.n_unpaired:
-                return self._paired(self._draw(self.len_pairs))
-            return self._unpaired(self._draw(self.len_a), self._draw(self.len_b))
-        if i >= self.n_unpaired:
-            return self._paired(i - self.n_unpaired)
-        longer_a = self.len_a == self.n_unpaired
-        ia = i if longer_a else self._draw(self.len_a)
-        ib = self._draw(self.len_b) if longer_a else i
-        return self._unpaired(ia, ib)
-
-    def _unpaired(self, ia: int, ib: int) -> Any:
-        a, b = self.a[ia], self.b[ib]
-
-        def make(pa: Mapping, pb: Mapping) -> dict[str, Any]:
-            out = {"a": pa["image"], "b": pb["image"], "paired": torch.tensor(False)}
-            if "image_body" in pa and "image_body" in pb:
-                out.update(mask_a=pa["image_body"], mask_b=pb["image_body"])
-            return out
-
-        return [make(pa, pb) for pa, pb in zip(a, b)] if isinstance(a, list) else make(a, b)
-
-    def _paired(self, i: int) -> Any:
-        item = self.pairs[i]  # type: ignore[index]
-        make = lambda p: {  # noqa: E731
-            "a": p["a"], "b": p["b"], "mask_a": p["a_body"], "mask_b": p["b_body"], "paired": torch.tensor(True),
-        }
-        return [make(p) for p in item] if isinstance(item, list) else make(item)
 
 
 class CycleGANDataModule(pl.LightningDataModule):
@@ -246,43 +174,6 @@ class CycleGANDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader | list:
         return self._paired_loader("test")
-
-
-class PhantomLoadd(MapTransform):
-    """Render the synthetic spine phantom of a record: ``{"seed", "modality"}`` or a paired ``{"seed"}``.
-
-    Single-domain records produce ``"image"`` and its body mask ``"image_body"``; paired records produce
-    ``"a"`` (MRI), ``"b"`` (CT), ``"bone"`` and the body masks ``"a_body"``/``"b_body"`` (the phantom knows
-    its anatomy: body = every tissue but air), all shaped (1, X, Y, Z) with the phantom's spacing in the
-    affine. ``contrast`` selects the MRI rendering ("t2" or "t1").
-    """
-
-    def __init__(self, keys: Sequence[str], shape: Sequence[int], spacing: Sequence[float], contrast: str = "t2") -> None:
-        super().__init__(keys)
-        self.shape, self.spacing = tuple(int(s) for s in shape), tuple(float(s) for s in spacing)
-        self.contrast = contrast
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        from monai.data import MetaTensor
-
-        from mr2ct.data.phantom import TISSUES
-
-        d = dict(data)
-        labels = make_anatomy(self.shape, self.spacing, d["seed"])
-        body = (labels != TISSUES["air"]).astype(np.float32)
-        affine = np.diag([*self.spacing, 1.0])
-        mri = lambda: render_mri(labels, d["seed"], self.contrast)  # noqa: E731
-        vols = {}
-        if "modality" in d:
-            vols["image"] = mri() if d["modality"] == "mri" else render_ct(labels, d["seed"])
-            vols["image_body"] = body
-        else:
-            vols = {"a": mri(), "b": render_ct(labels, d["seed"]), "a_body": body, "b_body": body}
-            if "bone" in self.keys:
-                vols["bone"] = np.isin(labels, [TISSUES["cortical"], TISSUES["trabecular"]]).astype(np.float32)
-        for key, vol in vols.items():
-            d[key] = MetaTensor(torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))[None], affine=affine)
-        return d
 
 
 class PhantomDataModule(CycleGANDataModule):

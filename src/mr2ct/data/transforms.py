@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms import (
     CenterSpatialCropd,
     Compose,
@@ -221,3 +222,38 @@ def patch_transforms(
         )
     xforms.append(EnsureTyped(both, dtype=torch.float32, track_meta=False))
     return Compose(xforms)
+
+
+class PhantomLoadd(MapTransform):
+    """Render the synthetic spine phantom of a record: ``{"seed", "modality"}`` or a paired ``{"seed"}``.
+
+    Single-domain records produce ``"image"`` and its body mask ``"image_body"``; paired records produce
+    ``"a"`` (MRI), ``"b"`` (CT), ``"bone"`` and the body masks ``"a_body"``/``"b_body"`` (the phantom knows
+    its anatomy: body = every tissue but air), all shaped (1, X, Y, Z) with the phantom's spacing in the
+    affine. ``contrast`` selects the MRI rendering ("t2" or "t1").
+    """
+
+    def __init__(self, keys: Sequence[str], shape: Sequence[int], spacing: Sequence[float], contrast: str = "t2") -> None:
+        super().__init__(keys)
+        self.shape, self.spacing = tuple(int(s) for s in shape), tuple(float(s) for s in spacing)
+        self.contrast = contrast
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from mr2ct.data.phantom import TISSUES, make_anatomy, render_ct, render_mri
+
+        d = dict(data)
+        labels = make_anatomy(self.shape, self.spacing, d["seed"])
+        body = (labels != TISSUES["air"]).astype(np.float32)
+        affine = np.diag([*self.spacing, 1.0])
+        mri = lambda: render_mri(labels, d["seed"], self.contrast)  # noqa: E731
+        vols = {}
+        if "modality" in d:
+            vols["image"] = mri() if d["modality"] == "mri" else render_ct(labels, d["seed"])
+            vols["image_body"] = body
+        else:
+            vols = {"a": mri(), "b": render_ct(labels, d["seed"]), "a_body": body, "b_body": body}
+            if "bone" in self.keys:
+                vols["bone"] = np.isin(labels, [TISSUES["cortical"], TISSUES["trabecular"]]).astype(np.float32)
+        for key, vol in vols.items():
+            d[key] = MetaTensor(torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))[None], affine=affine)
+        return d

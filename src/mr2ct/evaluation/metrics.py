@@ -76,7 +76,7 @@ def ssim_map(x: Tensor, y: Tensor, data_range: float, win_size: int = 7, k1: flo
     x, y = x.double(), y.double()
 
     def pool(t: Tensor) -> Tensor:
-        # separable box mean by cumulative sums: exact in float64 and ~50x faster than avg_pool3d there
+        # separable box mean by cumulative sums: exact in float64, and avg_pool3d is slow in float64
         for dim in range(3):
             c = torch.cat([torch.zeros_like(t.narrow(dim, 0, 1)), t.cumsum(dim)], dim=dim)
             t = (c.narrow(dim, win_size, c.shape[dim] - win_size) - c.narrow(dim, 0, c.shape[dim] - win_size)) / win_size

@@ -9,9 +9,10 @@ Pipeline (on a CT or synthetic CT in HU, or on any image with ``air_threshold=au
 3. bone = body voxels above the threshold, components smaller than ``min_size`` voxels removed.
 
 Why ``multiotsu`` with 4 classes is the default: inside a body that holds lungs or bowel gas, two-class
-Otsu splits air from tissue (threshold near -400 HU) and labels all soft tissue as bone (Dice 0.08 on a
-real chest CT); the brightest of 4 multi-Otsu classes isolates bone (Dice 0.94 on the same CT). Plain Otsu is enough when the body holds
-no gas and bone is a large share of it (e.g. a cropped spine or limb); see :func:`bone_threshold`.
+Otsu splits air from tissue (threshold near -400 HU) and labels all soft tissue as bone; the brightest
+of 4 multi-Otsu classes isolates bone (figures: README, "Translate, segment, evaluate"). Plain Otsu is
+enough when the body holds no gas and bone is a large share of it (e.g. a cropped spine or limb); see
+:func:`bone_threshold`.
 
 Otsu and multi-Otsu are implemented on a histogram here (no scikit-image dependency): multi-Otsu by
 exact dynamic programming over bin boundaries, which maximises the between-class variance as

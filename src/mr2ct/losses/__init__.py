@@ -17,7 +17,7 @@ from mr2ct.losses.cycle import CycleLoss, IdentityLoss
 from mr2ct.losses.gradient import GradientConsistencyLoss, central_differences, gradient_correlation
 from mr2ct.losses.mind import MINDLoss, mind_ssc
 from mr2ct.losses.paired import PairedLoss
-from mr2ct.losses.perceptual import IMAGENET_MEAN, IMAGENET_STD, VGG16_LAYERS, PerceptualLoss, VGG16Features
+from mr2ct.losses.perceptual import PerceptualLoss
 
 __all__ = [
     "AdversarialLoss",
@@ -30,8 +30,4 @@ __all__ = [
     "mind_ssc",
     "PairedLoss",
     "PerceptualLoss",
-    "VGG16Features",
-    "VGG16_LAYERS",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
 ]

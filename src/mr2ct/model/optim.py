@@ -1,7 +1,7 @@
 """The optimizers of the CycleGAN: PyTorch's Adam, or Adam with its moments stored in bfloat16.
 
-Adam keeps two moments per parameter, twice the parameters' own memory: for the peer's ResNet
-configuration (90 M parameters) 0.72 GB of the 1.45 GB a training process holds at rest.
+Adam keeps two moments per parameter, twice the parameters' own memory, a large share of what a
+training process holds at rest (README, "Memory and speed").
 :class:`BF16StateAdam` stores both moments in bfloat16 (half that) and does the update itself in fp32,
 one parameter at a time. Writing a moment back to bf16 by round-to-nearest would stall the second
 moment: with beta2 = 0.999 an update changes it by ~0.1 %, below half a bf16 step (0.4 %), so it stops

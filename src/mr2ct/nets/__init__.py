@@ -1,6 +1,7 @@
 """Networks of mr2ct: plain ``nn.Module``s (no Lightning, no Hydra) on (B, C, X, Y, Z) tensors."""
 
-from mr2ct.nets.init import init_weights, monai_norm, norm_layer
+from mr2ct.nets.init import init_weights
+from mr2ct.nets.norms import monai_norm, norm_layer
 from mr2ct.nets.patchgan import PatchDiscriminator3D
 from mr2ct.nets.resnet import ResnetGenerator3D
 from mr2ct.nets.unet import UNetGenerator

@@ -1,20 +1,17 @@
 """3D convolutions routed to the fast CPU kernels: drop-in subclasses of the torch layers.
 
 Two shapes of our generators run far below the CPU's convolution ceiling with PyTorch's defaults
-(measured at 2 threads; ceiling ~140-180 GFLOP/s):
+(the measurements are in the README, "Memory and speed"):
 
 * **narrow outputs.** oneDNN blocks output channels by 16, so a Conv3d with one output channel costs as
   much as one with 16. The output heads are such convolutions at full resolution (ResNet: 7³, 64 -> 1;
-  UNet: 3³ transposed, 32 -> 1). The ResNet head took 435 ms forward on 1x64x32x64x64 (13 GFLOP/s, a
-  third of the generator) and 1.35 s forward+backward. :func:`narrow_conv3d` computes the same
-  convolution as a (1, 1, k_w) convolution into ``k_d * k_h * C_out`` channels followed by a sum of
-  ``k_d * k_h`` shifted slices: 85 ms forward, 0.39 s forward+backward. It pays only for very narrow
-  outputs (3³ kernel, 32 inputs, 64³, fwd+bwd: 1 output 121 vs 158 ms, but 4 outputs 227 vs 159 ms: the
-  shifted sums are memory-bound), so :func:`use_fast_convs` applies it to single-output layers.
+  UNet: 3³ transposed, 32 -> 1). :func:`narrow_conv3d` computes the same convolution as a (1, 1, k_w)
+  convolution into ``k_d * k_h * C_out`` channels followed by a sum of ``k_d * k_h`` shifted slices. The
+  shifted sums are memory-bound, so this pays only for very narrow outputs: :func:`use_fast_convs`
+  applies it to single-output layers.
 * **small inputs.** PyTorch sends a batch-1 3D convolution with a kernel of at most 3 and
-  ``C_in * D * H < 20480`` (e.g. 64 channels at 16³, or the 1-channel image at 64³) to its im2col
-  ``slow_conv3d`` instead of oneDNN: forward+backward 60 vs 46 ms and 40 vs 30 ms for those two.
-  :class:`FastConv3d` calls oneDNN's kernel directly (``aten.mkldnn_convolution``; same autograd
+  ``C_in * D * H < 20480`` (e.g. 64 channels at 16³, or the 1-channel image at 64³) to its slower im2col
+  ``slow_conv3d`` instead of oneDNN. :class:`FastConv3d` calls oneDNN's kernel directly (``aten.mkldnn_convolution``; same autograd
   formula, gradients identical).
 
 Every layer takes its fast path only on CPU in float32 with oneDNN available, and defers to the parent

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
-from mr2ct.nets.init import norm_layer
+from mr2ct.nets.norms import norm_layer
 
 __all__ = ["PatchDiscriminator3D"]
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mr2ct.nets.init import norm_layer
+from mr2ct.nets.norms import norm_layer
 from mr2ct.nets.cpu_conv import use_fast_convs
 
 __all__ = ["ResnetGenerator3D", "ResnetBlock3D"]
@@ -77,7 +77,7 @@ class ResnetGenerator3D(nn.Module):
     * head: 7³ conv (padding 3, ``padding_mode``) ``ngf -> C_out`` with bias, ``tanh``.
 
     All convolutions are the CPU-routed subclasses of :mod:`mr2ct.nets.cpu_conv` (same parameters); the
-    1-channel head becomes a :class:`~mr2ct.nets.cpu_conv.NarrowConv3d` (same maths, 5x faster on CPU).
+    1-channel head becomes a :class:`~mr2ct.nets.cpu_conv.NarrowConv3d` (same maths, faster on CPU).
 
     Convs followed by a norm have no bias. With ``ngf=64`` there are 34.1 M parameters for 9 blocks and
     9.3 M for 2 blocks (the 2D original has 11.4 M for 9 blocks).

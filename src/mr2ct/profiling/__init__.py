@@ -14,7 +14,7 @@ Three kinds of numbers:
   (:func:`measure`, worker ``python -m mr2ct.profiling.measure '<json>'``): median seconds per step and the
   peak RSS of the process (CUDA: max allocated), or the sliding-window translation of a volume.
 
-CPU peak RSS = the process's runtime footprint (libraries, ~0.4 GB, measured) + live tensors + what the
+CPU peak RSS = the process's runtime footprint (the imported libraries, measured) + live tensors + what the
 fit adds (:func:`fit_overhead`), so :func:`predict_rss` adds the RSS of this process before any model exists
 and the fitted overhead to the traced tensor peak.
 """

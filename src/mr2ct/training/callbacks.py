@@ -114,10 +114,9 @@ class HeapTrim(pl.Callback):
     glibc keeps freed chunks of up to 32 MB in the process heap for reuse, and a 3D step frees hundreds of
     MB of activations at each backward: resident memory stays that much above the live tensors, by an
     amount that varies from run to run with where the holes fall. Trimming after each backward (the split
-    backward's first half included) lowers the peak RSS the next forward builds on. Measured with
-    ``scripts/benchmark.py``: the peer configuration with all other savers peaks at 1.70-1.77 GB with it and
-    1.86-1.99 GB without, at +1-2 % step time; but the default unet at 64³ pays +18-32 % step time for
-    -0.05 GB (its pages are faulted back in at every forward), hence off by default.
+    backward's first half included) lowers the peak RSS the next forward builds on. It helps the large
+    configurations at almost no cost, but a small generator pays with step time for little memory (its
+    pages are faulted back in at every forward; README, "Memory and speed"), hence off by default.
     Does nothing on GPU, or where the C library has no ``malloc_trim`` (musl, macOS, Windows).
 
     Args:
