@@ -9,7 +9,7 @@ Prints the ``torch.profiler`` table of one step (ops grouped by input shape, sor
 PyTorch's own layers to what the generators use:
 
 1. torch defaults: ``nn.InstanceNorm3d``, ``nn.Conv3d`` / ``nn.ConvTranspose3d``;
-2. instance norm through the group-norm kernel (:class:`mr2ct.nets.init.InstanceNorm3d`);
+2. instance norm through the group-norm kernel (:class:`mr2ct.nets.norms.InstanceNorm3d`);
 3. narrow output convolutions (:mod:`mr2ct.nets.cpu_conv`);
 4. oneDNN forced for small inputs (:class:`mr2ct.nets.cpu_conv.FastConv3d`) -- what the nets run.
 

@@ -1,7 +1,7 @@
 """Input checks for volumes: a bad file fails with one line naming it, before training starts.
 
 :class:`LoadVolumed` reads any format of :mod:`mr2ct.formats` and turns a reader failure (unreadable,
-truncated, corrupt header, 2-D or 4-D, a broken DICOM series) into an :class:`~mr2ct.config.InputError`;
+truncated, corrupt header, 2-D or 4-D, a broken DICOM series) into an :class:`~mr2ct.errors.InputError`;
 :class:`CheckVolumed` (through :func:`check_volume`, which the other tools call too) refuses volumes that
 hold NaN/Inf or are too small for the patch, and warns about a CT that does not look like Hounsfield
 units. MONAI wraps errors raised inside a transform chain in ``RuntimeError("applying transform
