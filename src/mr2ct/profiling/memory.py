@@ -59,9 +59,11 @@ def predict_rss(trace: dict[str, float], runtime_bytes: int, pool_images: int | 
 
 
 def runtime_rss() -> int:
-    """RSS of this process once the training stack is imported (the base of :func:`predict_rss`)."""
+    """RSS of this process once the training stack is imported (the base of :func:`predict_rss`): what
+    ``python -m mr2ct.train`` imports before it builds anything."""
     import pytorch_lightning  # noqa: F401
 
-    import mr2ct.model  # noqa: F401
+    import mr2ct.data.datamodules  # noqa: F401
+    import mr2ct.model.cyclegan  # noqa: F401
 
     return current_rss()
