@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import tiny
-from mr2ct.errors import InputError
 from mr2ct.checkpoints import build_generator, export, safe_torch_load
 from mr2ct.checkpoints import load_generator
+from mr2ct.errors import InputError
 from mr2ct.train import train
 from test_bad_input import Evil, nifti, run_main
 

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from conftest import tiny
-from mr2ct.training.nonfinite import NonFiniteError, NonFiniteGuard
 from mr2ct.checkpoints import safe_torch_load
 from mr2ct.model import CycleGAN
 from mr2ct.train import train
+from mr2ct.training.nonfinite import NonFiniteError, NonFiniteGuard
 
 
 def inject_nan(monkeypatch, when):

@@ -10,10 +10,10 @@ import pytest
 
 from conftest import run_cli, tiny
 from mr2ct.data.augment import augment_folder, write_phantom_nifti
-from mr2ct.data.manifest import subject_id
-from mr2ct.formats import list_volumes, volume_stem
 from mr2ct.data.leaks import LeakError, Settings, score_matrix
+from mr2ct.data.manifest import subject_id
 from mr2ct.data.splits import make_split, write_split
+from mr2ct.formats import list_volumes, volume_stem
 from mr2ct.train import train
 
 SHAPE, SPACING = (32, 32, 40), (4.0, 4.0, 4.0)

@@ -9,8 +9,8 @@ import torch
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from mr2ct.data import PhantomDataModule
-from mr2ct.evaluation.metrics import case_metrics, dice, mae_hu, psnr_hu, ssim_hu, ssim_map
 from mr2ct.evaluation.collapse import collapse_diagnostics, collapse_warnings, split_for_collapse, thumbnail
+from mr2ct.evaluation.metrics import case_metrics, dice, mae_hu, psnr_hu, ssim_hu, ssim_map
 
 
 def test_mae_inside_mask_by_hand():

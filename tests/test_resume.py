@@ -14,10 +14,10 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import run_cli, tiny
-from mr2ct.config import PROJECT_ROOT
 from mr2ct.checkpoints import atomic_torch_save, safe_torch_load
-from mr2ct.training.resume import resume_argv
+from mr2ct.config import PROJECT_ROOT
 from mr2ct.train import train
+from mr2ct.training.resume import resume_argv
 
 N_TRAIN = 10  # batches per epoch (batch size 1)
 EPOCHS = 2

@@ -12,9 +12,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from conftest import compose_train_cfg, run_cli, tiny
+from mr2ct.checkpoints import load_generator
 from mr2ct.config import CONFIG_DIR
 from mr2ct.data.phantom import make_phantom
-from mr2ct.checkpoints import load_generator
 from mr2ct.inference import Preprocessing, translate_array
 from mr2ct.translate import run
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from mr2ct.config import CONFIG_DIR
 from mr2ct.cli import exit_on_user_error
+from mr2ct.config import CONFIG_DIR
 from mr2ct.data.augment import augment_folder
 
 

@@ -30,16 +30,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from mr2ct.config import CONFIG_DIR
-from mr2ct.cli import exit_on_user_error
-from mr2ct.data.transforms import unit_to_hu
-from mr2ct.formats import write_volume
-from mr2ct.inference import inference_numerics, place_generator, resolve_device, translate_volume
 from mr2ct.checkpoints import load_generator
-from mr2ct.evaluation.metrics import case_metrics
+from mr2ct.cli import exit_on_user_error
+from mr2ct.config import CONFIG_DIR
+from mr2ct.data.transforms import unit_to_hu
 from mr2ct.evaluation.collapse import collapse_diagnostics, collapse_warnings, split_for_collapse, thumbnail
+from mr2ct.evaluation.metrics import case_metrics
 from mr2ct.evaluation.pictures import case_figure, summary_figure
 from mr2ct.evaluation.segmentation import segment_bone, segment_params
+from mr2ct.formats import write_volume
+from mr2ct.inference import inference_numerics, place_generator, resolve_device, translate_volume
 
 log = logging.getLogger("mr2ct.evaluate")
 

@@ -24,9 +24,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from mr2ct.cli import exit_on_user_error
 from mr2ct.config import CONFIG_DIR, validate
 from mr2ct.errors import ConfigError
-from mr2ct.cli import exit_on_user_error
 from mr2ct.profiling import GB, fit_overhead, runtime_rss, trace_step
 
 log = logging.getLogger("mr2ct.plan")

@@ -28,13 +28,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from mr2ct.checkpoints import check_state_dict_compatible, safe_torch_load
 from mr2ct.config import CONFIG_DIR, choose_strategy, set_project_root, validate
 from mr2ct.errors import ConfigError, InputError, find_input_error
+from mr2ct.numerics import resolve as resolve_numerics
 from mr2ct.training.checkpointing import SafeCheckpointIO
 from mr2ct.training.nonfinite import NonFiniteError
 from mr2ct.training.resume import resume_argv
-from mr2ct.checkpoints import check_state_dict_compatible, safe_torch_load
-from mr2ct.numerics import resolve as resolve_numerics
 
 log = logging.getLogger("mr2ct.train")
 

@@ -30,16 +30,16 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from mr2ct.config import CONFIG_DIR
+from mr2ct.checkpoints import load_generator
 from mr2ct.cli import exit_on_user_error
-from mr2ct.inference import Preprocessing, inference_numerics, resolve_device, translate_array
-from mr2ct.errors import InputError
+from mr2ct.config import CONFIG_DIR
 from mr2ct.data.checks import check_volume
+from mr2ct.errors import InputError
+from mr2ct.evaluation.segmentation import segment_bone, segment_params
 from mr2ct.formats import (
     NIFTI_SUFFIXES, READ_SUFFIXES, SERIES_SEP, WRITE_SUFFIXES, dicom_series, is_dicom_folder, list_volumes, nifti_header, output_suffix, read_volume, volume_stem, volume_suffix, write_volume,
 )
-from mr2ct.checkpoints import load_generator
-from mr2ct.evaluation.segmentation import segment_bone, segment_params
+from mr2ct.inference import Preprocessing, inference_numerics, resolve_device, translate_array
 
 
 

@@ -36,9 +36,9 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from mr2ct.data.transforms import RandGaussianRotated, RandRecipeNoised
 from mr2ct.data.checks import load_volume
 from mr2ct.data.manifest import MANIFEST, sha256_file, write_manifest
+from mr2ct.data.transforms import RandGaussianRotated, RandRecipeNoised
 from mr2ct.formats import list_volumes, volume_stem
 
 #: 1st-percentile intensity below which a volume is taken for a CT in HU (air is -1000 HU, MRI >= 0)

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from mr2ct.errors import ConfigError
 from mr2ct.data.checks import load_volume
+from mr2ct.errors import ConfigError
 
 log = logging.getLogger("mr2ct.leakcheck")
 

@@ -313,7 +313,7 @@ class CycleGAN(pl.LightningModule):
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Tensor]:
         """MAE / PSNR / SSIM in the body and bone Dice of one whole paired volume (as ``evaluate``)."""
-        from mr2ct.evaluation.metrics import case_metrics# one implementation for validation and evaluate
+        from mr2ct.evaluation.metrics import case_metrics  # one implementation for validation and evaluate
 
         real_a, real_b = plain(batch["a"]), plain(batch["b"])
         fake_b = self.translate(real_a, "a2b")

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mr2ct.nets.norms import norm_layer
 from mr2ct.nets.cpu_conv import use_fast_convs
+from mr2ct.nets.norms import norm_layer
 
 __all__ = ["ResnetGenerator3D", "ResnetBlock3D"]
 

@@ -11,8 +11,8 @@ from monai.networks.blocks import Convolution, ResidualUnit
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mr2ct.nets.norms import monai_norm, use_fast_instance_norm
 from mr2ct.nets.cpu_conv import use_fast_convs
+from mr2ct.nets.norms import monai_norm, use_fast_instance_norm
 
 __all__ = ["UNetGenerator", "strip_bias_before_norm"]
 
