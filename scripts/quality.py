@@ -9,7 +9,9 @@ Keys: ``configs`` (comma list of names: the presets in :data:`CONFIGS`, or names
 ``budget_min`` (wall-clock minutes of training per configuration, Lightning's ``trainer.max_time``; default
 10, the budget of ``make train``), ``seed``, ``common`` (overrides added to every configuration), ``ckpt``
 (``last`` or ``best``: the checkpoint evaluated), ``threads`` (torch threads per run; 0 = torch's default),
-``out`` (JSON; default ``outputs/quality/<time>/quality.json``), ``keep`` (true: keep the run folders).
+``out`` (JSON; default ``outputs/quality/<time>/quality.json``), ``keep`` (true: keep the run folders), ``raw``
+(true: when the checkpoint holds a moving average of the weights, ``callbacks.ema``, also score the same run's
+raw weights, as the row ``<name>/raw``: the average's effect without a second training run).
 
 Each configuration trains in a fresh process (``python -m mr2ct.train``) into ``<out folder>/<name>/``, stops
 at the budget (or at its schedule's end, whichever comes first), then ``python -m mr2ct.evaluate`` scores the
@@ -64,7 +66,7 @@ STEPS_KEY = "global_step"
 
 
 def parse(argv: list[str]) -> tuple[dict[str, str], dict[str, str]]:
-    keys = {"configs": "default", "budget_min": "10", "seed": "42", "common": "", "ckpt": "last", "threads": "2", "out": "", "keep": "true"}
+    keys = {"configs": "default", "budget_min": "10", "seed": "42", "common": "", "ckpt": "last", "threads": "2", "out": "", "keep": "true", "raw": "false"}
     custom: dict[str, str] = {}
     for arg in argv:
         if "=" not in arg:
@@ -83,7 +85,8 @@ def steps_done(ckpt: Path) -> int:
     return int(state.get(STEPS_KEY, 0)) // 2
 
 
-def run_one(name: str, overrides: list[str], keys: dict[str, str], folder: Path) -> dict:
+def run_one(name: str, overrides: list[str], keys: dict[str, str], folder: Path) -> list[dict]:
+    """Train one configuration, then score its checkpoint (and, with ``raw=true``, its raw weights): table rows."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if int(keys["threads"]) > 0:
         env["OMP_NUM_THREADS"] = keys["threads"]
@@ -97,18 +100,44 @@ def run_one(name: str, overrides: list[str], keys: dict[str, str], folder: Path)
         proc = subprocess.run(train, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     minutes = (time.perf_counter() - t0) / 60
     if proc.returncode != 0:
-        return {"name": name, "overrides": overrides, "error": f"training exited {proc.returncode}, see {folder.parent / (name + '.train.log')}"}
+        return [{"name": name, "overrides": overrides, "error": f"training exited {proc.returncode}, see {folder.parent / (name + '.train.log')}"}]
     ckpts = folder / "checkpoints"
     ckpt = ckpts / "last.ckpt"
     if keys["ckpt"] == "best":
         best = sorted(ckpts.glob("best-*.ckpt"))
         ckpt = best[-1] if best else ckpt
-    evaluate = [sys.executable, "-m", "mr2ct.evaluate", f"ckpt={ckpt}", f"hydra.run.dir={folder}/evaluate"]
-    with open(folder.parent / f"{name}.evaluate.log", "w") as log:
+    row = score(name, overrides, ckpt, folder / "evaluate", env)
+    row.update({"steps": steps_done(ckpt), "train_min": round(minutes, 2), "run": str(folder)})
+    rows = [row]
+    if keys["raw"] == "true" and "error" not in row:
+        raw = raw_checkpoint(ckpt)
+        if raw is not None:  # the same run's weights without the moving average
+            rows.append({**score(f"{name}/raw", overrides, raw, folder / "evaluate_raw", env),
+                         "steps": row["steps"], "train_min": row["train_min"], "run": str(folder)})
+    return rows
+
+
+def raw_checkpoint(ckpt: Path) -> Path | None:
+    """A copy of an EMA checkpoint whose ``state_dict`` is the raw weights (``current_model_state``); None without EMA."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    if "current_model_state" not in state:
+        return None
+    state["state_dict"] = state.pop("current_model_state")
+    state.pop("averaging_state", None)
+    out = ckpt.with_name(ckpt.stem + "-raw.ckpt")
+    torch.save(state, out)
+    return out
+
+
+def score(name: str, overrides: list[str], ckpt: Path, folder: Path, env: dict[str, str]) -> dict:
+    """``python -m mr2ct.evaluate`` of one checkpoint on the test split, as a table row."""
+    evaluate = [sys.executable, "-m", "mr2ct.evaluate", f"ckpt={ckpt}", f"hydra.run.dir={folder}"]
+    log_path = folder.parent.parent / f"{name.replace('/', '_')}.evaluate.log"
+    with open(log_path, "w") as log:
         proc = subprocess.run(evaluate, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
-        return {"name": name, "overrides": overrides, "error": f"evaluate exited {proc.returncode}"}
-    summary = json.loads((folder / "evaluate" / "summary.json").read_text())
+        return {"name": name, "overrides": overrides, "error": f"evaluate exited {proc.returncode}, see {log_path}"}
+    summary = json.loads((folder / "summary.json").read_text())
     m = summary["metrics"]
     return {
         "name": name,
@@ -117,7 +146,7 @@ def run_one(name: str, overrides: list[str], keys: dict[str, str], folder: Path)
         "mae": m["mae"]["mean"], "mae_sd": m["mae"]["std"],
         "psnr": m["psnr"]["mean"], "ssim": m["ssim"]["mean"],
         "identifiability": summary["collapse"]["identifiability"], "diversity": summary["collapse"]["diversity"],
-        "steps": steps_done(ckpt), "train_min": round(minutes, 2), "ckpt": str(ckpt), "run": str(folder),
+        "ckpt": str(ckpt),
     }
 
 
@@ -148,9 +177,10 @@ def main(argv: list[str]) -> int:
     for name in keys["configs"].split(","):
         overrides = [*shlex.split(custom.get(name, CONFIGS.get(name, ""))), *common]
         print(f"{name}: {' '.join(overrides) or '(defaults)'}", flush=True)
-        rows.append(run_one(name, overrides, keys, out.parent / name))
+        new = run_one(name, overrides, keys, out.parent / name)
+        rows += new
         out.write_text(json.dumps({"budget_min": float(keys["budget_min"]), "seed": int(keys["seed"]), "common": common, "runs": rows}, indent=2))
-        print(table(rows[-1:]).splitlines()[-1], flush=True)
+        print("\n".join(table(new).splitlines()[2:]), flush=True)
     print()
     print(table(rows))
     print(f"written: {out}")

@@ -63,3 +63,17 @@ def test_planner_rows_within_15_percent_of_a_measured_fit(overrides, tmp_path):
     m = P.measure({"kind": "train", "overrides": overrides, "steps": 2, "threads": 2})
     print(f"{overrides}: plan {row['cpu_rss_gb']:.3f} GB, measured {m['peak_rss'] / P.GB:.3f} GB")
     assert abs(row["cpu_rss_gb"] * P.GB / m["peak_rss"] - 1) < 0.15, (row["cpu_rss_gb"], m["peak_rss"] / P.GB)
+
+
+def test_plan_counts_the_weights_moving_average():
+    """The default callbacks keep an EMA of the weights (one more copy): the plan's state and peak include it."""
+    from mr2ct.plan import plan
+
+    base = ["generator=resnet3d_2blk", "generator.ngf=8", "data.patch_size=[16,16,16]"]
+    with_ema = plan(P.compose([*base, "savers=[none,bf16]"], "plan"), runtime_bytes=0)
+    without = plan(P.compose([*base, "savers=[none,bf16]", "callbacks.ema=null"], "plan"), runtime_bytes=0)
+    weights = P.trace_step(P.compose(base))["weights"]
+    assert weights > 0
+    for a, b in zip(with_ema, without):
+        assert (a["state_gb"] - b["state_gb"]) * P.GB == pytest.approx(weights, rel=1e-6)
+        assert (a["tensor_peak_gb"] - b["tensor_peak_gb"]) * P.GB == pytest.approx(weights, rel=1e-6)

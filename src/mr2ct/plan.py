@@ -8,7 +8,7 @@ the bytes of live tensors (:func:`mr2ct.profiling.trace_step`). Predictions:
 * GPU: tensor peak (= ``torch.cuda.max_memory_allocated``) x (1 + ``gpu_overhead_fraction``) + context;
 * CPU: peak RSS = the runtime footprint (libraries, measured in this process) + a calibrated fit
   overhead growing with the batch's voxels (:func:`mr2ct.profiling.fit_overhead`) + tensor peak + the two
-  history pools when full.
+  history pools when full; the weights' moving average (``callbacks.ema``) adds one copy of the weights.
   Validated against measured peak RSS by ``tests/test_plan.py`` and ``scripts/benchmark.py``.
 
 bf16-mixed rows trace activations in bf16 with fp32 weights, gradients and Adam states (GPU only:
@@ -77,14 +77,16 @@ def plan(cfg: DictConfig, runtime_bytes: int | None = None) -> list[dict[str, An
         c = _with(cfg, changes)
         bf16 = "bf16" in str(c.trainer.precision)
         trace = trace_step(c)
-        total = trace["total"]
+        averaged = trace["weights"] if (c.get("callbacks") or {}).get("ema") else 0  # the EMA's copy of the weights
+        state = trace["state"] + averaged
+        total = trace["total"] + averaged
         if bf16:
             half = trace_step(c, half_precision=True)
-            total = trace["state"] + half["act"]
+            total = state + half["act"]
         gpu = total * (1 + float(cfg.gpu_overhead_fraction)) + float(cfg.gpu_context_gb) * GB
         cpu = None if bf16 else runtime + fit_overhead(trace["batch_voxels"]) + total + trace["pool"]
         rows.append({
-            "saver": name, "changes": changes, "state_gb": trace["state"] / GB, "tensor_peak_gb": total / GB,
+            "saver": name, "changes": changes, "state_gb": state / GB, "tensor_peak_gb": total / GB,
             "gpu_gb": gpu / GB, "fits_gpu": gpu <= float(cfg.gpu_memory_gb) * GB,
             "cpu_rss_gb": None if cpu is None else cpu / GB,
             "fits_cpu": None if cpu is None else cpu <= float(cfg.cpu_memory_gb) * GB,

@@ -108,7 +108,7 @@ def trace_step(cfg: DictConfig, half_precision: bool = False) -> dict[str, float
     Returns bytes: ``state`` (parameters, gradients, Adam moments: what lives between steps),
     ``total`` (the peak of live tensors during a steady-state step, state included),
     ``act`` = total - state; ``pool`` (the two history pools when full, which a long run adds),
-    ``flops`` of the step and ``batch_voxels`` (batch size x patch voxels). ``half_precision`` traces with the model and patches in bf16 (only ``act``
+    ``flops`` of the step, ``weights`` (parameters and buffers: one more copy with ``callbacks.ema``) and ``batch_voxels`` (batch size x patch voxels). ``half_precision`` traces with the model and patches in bf16 (only ``act``
     is meaningful then: mixed precision keeps fp32 weights, gradients and optimizer states).
     """
     model = build_model(cfg, "meta")
@@ -133,6 +133,7 @@ def trace_step(cfg: DictConfig, half_precision: bool = False) -> dict[str, float
     voxels = int(torch.tensor([int(p) for p in patch]).prod())
     return {
         "state": state, "total": tracker.peak, "act": tracker.peak - state,
+        "weights": _nbytes([*model.parameters(), *model.buffers()]),
         "pool": 2 * int(cfg.model.pool_size) * voxels * torch.finfo(dtype).bits // 8, "flops": flops,
         "batch_voxels": batch * voxels,
     }
