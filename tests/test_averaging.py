@@ -23,10 +23,11 @@ def test_decay_warms_up_to_its_target():
 def test_default_run_checkpoints_the_average_and_a_resumed_run_continues_the_raw_weights(train_cfg, tmp_path, monkeypatch):
     seen: list[torch.Tensor] = []
     monkeypatch.setattr(CycleGAN, "on_train_batch_end", lambda self, *a: seen.append(self.state_dict()[KEY].detach().clone()))
-    base = [*tiny(), "data.n_train=3", "model.n_epochs_decay=0"]
-    train(train_cfg([*base, "model.n_epochs=2"]))
+    # no validation in the last epoch: last.ckpt is written when fitting ends
+    base = [*tiny(), "data.n_train=3", "model.n_epochs_decay=0", "trainer.check_val_every_n_epoch=2"]
+    train(train_cfg([*base, "model.n_epochs=3"]))
     ckpt = safe_torch_load(tmp_path / "run" / "checkpoints" / "last.ckpt")
-    assert len(seen) == 6 and int(ckpt["averaging_state"]["n_averaged"]) == 6
+    assert len(seen) == 9 and int(ckpt["averaging_state"]["n_averaged"]) == 9
     # the average of the raw weights after each batch, with the warm-up decay
     expected = seen[0]
     for n, w in enumerate(seen[1:], start=1):
@@ -44,7 +45,7 @@ def test_default_run_checkpoints_the_average_and_a_resumed_run_continues_the_raw
         original(self)
 
     monkeypatch.setattr(CycleGAN, "on_train_start", on_train_start)
-    train(train_cfg([*base, "model.n_epochs=3", "ckpt=last"]))
-    assert torch.equal(started[0], seen[5])  # training goes on from the raw weights, not from the average
+    train(train_cfg([*base, "model.n_epochs=4", "ckpt=last"]))
+    assert torch.equal(started[0], seen[8])  # training goes on from the raw weights, not from the average
     resumed = safe_torch_load(tmp_path / "run" / "checkpoints" / "last.ckpt")
-    assert int(resumed["averaging_state"]["n_averaged"]) == 9  # and the average from where it was
+    assert int(resumed["averaging_state"]["n_averaged"]) == 12  # and the average from where it was

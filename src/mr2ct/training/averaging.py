@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import WeightAveraging
 from torch import Tensor
@@ -22,8 +23,10 @@ class WeightEMA(WeightAveraging):
     Lightning's :class:`~pytorch_lightning.callbacks.WeightAveraging` does the rest: it swaps the average in
     for validation (so ``val/*``, the best checkpoint and the collapse monitor judge the average), saves it
     as the checkpoint's ``state_dict`` (what ``translate``, ``evaluate`` and ``export`` load) with the raw
-    weights under ``current_model_state`` (what a resumed run continues from), and copies it into the model
-    when fitting ends. The average costs one more copy of the weights (counted by ``mr2ct.plan``).
+    weights under ``current_model_state`` (what a resumed run continues from). Unlike Lightning's default,
+    the model keeps its raw weights when fitting ends, so that the checkpoint written then still holds both;
+    ``trainer.test`` swaps the average in as validation does. The average costs one more copy of the
+    weights (counted by ``mr2ct.plan``).
 
     Args:
         decay: the EMA decay once warmed up (0 <= decay < 1); see :func:`ema_decay`.
@@ -34,6 +37,17 @@ class WeightEMA(WeightAveraging):
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         self.decay = float(decay)
         super().__init__(use_buffers=True, multi_avg_fn=self._update)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Keep the raw weights (Lightning copies the average over them here)."""
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._average_model is not None:
+            self._swap_models(pl_module)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._average_model is not None:
+            self._swap_models(pl_module)
 
     def _update(self, averaged: list[Tensor], current: list[Tensor], n_averaged: Tensor) -> None:
         """One group of same-device, same-dtype tensors (torch's ``multi_avg_fn`` protocol)."""
