@@ -1,4 +1,4 @@
-"""The weights' moving average (callbacks.ema, on by default): what checkpoints hold and what a resumed run continues."""
+"""The weights' moving average (callbacks.ema): what checkpoints hold and what a resumed run continues; off, nothing."""
 
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ def test_decay_warms_up_to_its_target():
     assert ema_decay(0.999, 10**6) == 0.999
 
 
-def test_default_run_checkpoints_the_average_and_a_resumed_run_continues_the_raw_weights(train_cfg, tmp_path, monkeypatch):
+def test_ema_run_checkpoints_the_average_and_a_resumed_run_continues_the_raw_weights(train_cfg, tmp_path, monkeypatch):
     seen: list[torch.Tensor] = []
     monkeypatch.setattr(CycleGAN, "on_train_batch_end", lambda self, *a: seen.append(self.state_dict()[KEY].detach().clone()))
     # no validation in the last epoch: last.ckpt is written when fitting ends
-    base = [*tiny(), "data.n_train=3", "model.n_epochs_decay=0", "trainer.check_val_every_n_epoch=2"]
+    base = [*tiny(), "data.n_train=3", "model.n_epochs_decay=0", "trainer.check_val_every_n_epoch=2", "callbacks.ema.enabled=true"]
     train(train_cfg([*base, "model.n_epochs=3"]))
     ckpt = safe_torch_load(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert len(seen) == 9 and int(ckpt["averaging_state"]["n_averaged"]) == 9
@@ -49,3 +49,9 @@ def test_default_run_checkpoints_the_average_and_a_resumed_run_continues_the_raw
     assert torch.equal(started[0], seen[8])  # training goes on from the raw weights, not from the average
     resumed = safe_torch_load(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert int(resumed["averaging_state"]["n_averaged"]) == 12  # and the average from where it was
+
+
+def test_disabled_average_leaves_plain_checkpoints(train_cfg, tmp_path):
+    train(train_cfg([*tiny(), "callbacks.ema.enabled=false"]))
+    ckpt = safe_torch_load(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert "current_model_state" not in ckpt and "averaging_state" not in ckpt

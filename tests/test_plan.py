@@ -66,12 +66,12 @@ def test_planner_rows_within_15_percent_of_a_measured_fit(overrides, tmp_path):
 
 
 def test_plan_counts_the_weights_moving_average():
-    """The default callbacks keep an EMA of the weights (one more copy): the plan's state and peak include it."""
+    """An EMA of the weights (callbacks.ema.enabled=true) is one more copy: the plan's state and peak include it."""
     from mr2ct.plan import plan
 
     base = ["generator=resnet3d_2blk", "generator.ngf=8", "data.patch_size=[16,16,16]"]
-    with_ema = plan(P.compose([*base, "savers=[none,bf16]"], "plan"), runtime_bytes=0)
-    without = plan(P.compose([*base, "savers=[none,bf16]", "callbacks.ema=null"], "plan"), runtime_bytes=0)
+    with_ema = plan(P.compose([*base, "savers=[none,bf16]", "callbacks.ema.enabled=true"], "plan"), runtime_bytes=0)
+    without = plan(P.compose([*base, "savers=[none,bf16]"], "plan"), runtime_bytes=0)
     weights = P.trace_step(P.compose(base))["weights"]
     assert weights > 0
     for a, b in zip(with_ema, without):

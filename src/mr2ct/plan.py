@@ -77,7 +77,7 @@ def plan(cfg: DictConfig, runtime_bytes: int | None = None) -> list[dict[str, An
         c = _with(cfg, changes)
         bf16 = "bf16" in str(c.trainer.precision)
         trace = trace_step(c)
-        averaged = trace["weights"] if (c.get("callbacks") or {}).get("ema") else 0  # the EMA's copy of the weights
+        averaged = trace["weights"] if ((c.get("callbacks") or {}).get("ema") or {}).get("enabled") else 0  # the EMA's copy of the weights
         state = trace["state"] + averaged
         total = trace["total"] + averaged
         if bf16:

@@ -30,13 +30,30 @@ class WeightEMA(WeightAveraging):
 
     Args:
         decay: the EMA decay once warmed up (0 <= decay < 1); see :func:`ema_decay`.
+        enabled: switch (``callbacks.ema.enabled``); off, the callback does nothing and checkpoints are plain.
     """
 
-    def __init__(self, decay: float = 0.999) -> None:
+    def __init__(self, decay: float = 0.999, enabled: bool = True) -> None:
         if not 0.0 <= float(decay) < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         self.decay = float(decay)
+        self.enabled = bool(enabled)
         super().__init__(use_buffers=True, multi_avg_fn=self._update)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.enabled:
+            super().setup(trainer, pl_module, stage)
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        return self.enabled and step_idx is not None
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        if self.enabled:
+            super().on_save_checkpoint(trainer, pl_module, checkpoint)
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        if self.enabled:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Keep the raw weights (Lightning copies the average over them here)."""
