@@ -57,6 +57,7 @@ CONFIGS: dict[str, str] = {
     # the default (4000 steps, numerics auto) and options on it
     "default": "",
     "default_mind": "loss=+mind",
+    "spectral": "loss=+spectral",  # spectral norm in D: the original project's best run
     "paired25": "loss=+paired data.paired_fraction=0.25",
     "paired100": "loss=+paired data.paired_fraction=1.0",
     "cpu_30min": "experiment=cpu_30min trainer.max_time=null",  # give budget_min >= 35
