@@ -84,10 +84,63 @@ def prepare_argv(tool: str, argv: list[str]) -> list[str]:
     return out
 
 
+def _composition_message(err: BaseException, overrides: list[str]) -> str:
+    """Hydra's multi-line composition error as one line."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException, OverrideParseException
+
+    text = str(err)
+    if isinstance(err, OverrideParseException):
+        parser = OverridesParser.create()
+        for arg in overrides:
+            try:
+                parser.parse_override(arg)
+            except HydraException:
+                return f"cannot parse {arg!r}: {text.splitlines()[0]} (Hydra's override grammar: key=value, key=[a,b], +key=value)"
+    cause = str(err.__cause__ or "")
+    if text.startswith("Could not override") and "not in struct" in cause:
+        key = text.split("'")[1]
+        return f"unknown key {key!r} (`--help` lists the groups and keys; +{key}=... adds a new key)"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "Available options" in text:  # a group option that does not exist: name the ones that do
+        start = next(i for i, line in enumerate(lines) if line.startswith("Available options"))
+        options = [line for line in lines[start + 1:] if not line.startswith(("Config search path", "provider="))]
+        return f"{lines[0]} (options: {', '.join(options)})"
+    return "; ".join(line for line in lines if not line.startswith("See https"))
+
+
+def check_overrides(tool: str, argv: list[str]) -> None:
+    """Compose ``tool``'s config with ``argv``'s overrides; raises :class:`UsageError` where Hydra would refuse them.
+
+    Hydra's own report of a bad override spans several lines and exits 1; this turns it into the project's
+    one line before anything runs. Command lines with flags (``-m`` sweeps, ``--help``, ``--cfg``) go to
+    Hydra unchecked: a sweep's values do not compose as one config.
+    """
+    overrides = argv[1:]
+    if any(arg.startswith("-") for arg in overrides):
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    from mr2ct.config import CONFIG_DIR
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            compose(tool, overrides=overrides, return_hydra_config=True)
+    except HydraException as err:
+        raise UsageError(_composition_message(err, overrides)) from err
+    finally:
+        GlobalHydra.instance().clear()
+
+
 def run_tool(tool: str) -> None:
     """Run ``mr2ct.<tool>``'s entry point with the checked command line."""
     try:
         sys.argv = prepare_argv(tool, sys.argv)
+        set_project_root()
+        check_overrides(tool, sys.argv)
     except UsageError as err:
         print(f"mr2ct: error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -95,7 +148,6 @@ def run_tool(tool: str) -> None:
     if hasattr(module, "run_cli"):  # a tool with more to do than its Hydra main (train: resume folders)
         module.run_cli()
         return
-    set_project_root()
     module.main()
 
 
