@@ -18,6 +18,8 @@ import os
 import platform
 import subprocess
 import sys
+import time
+from datetime import timedelta
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from mr2ct.checkpoints import check_state_dict_compatible, safe_torch_load
 from mr2ct.config import CONFIG_DIR, choose_strategy, set_project_root, validate
 from mr2ct.errors import ConfigError, InputError, find_input_error
 from mr2ct.numerics import resolve as resolve_numerics
+from mr2ct.training import multistart
 from mr2ct.training.checkpointing import SafeCheckpointIO
 from mr2ct.training.nonfinite import NonFiniteError
 from mr2ct.training.resume import resume_argv
@@ -93,6 +96,59 @@ def _remove_fresh_run_dir(output_dir: Path) -> None:
         pass
 
 
+def run_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config a checkpoint carries (``translate``/``evaluate`` rebuild the model from it)."""
+    return {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in cfg if k != "hydra"}
+
+
+def build_trainer(cfg: DictConfig, multirun: bool, max_time: timedelta | None = None) -> tuple[pl.Trainer, list[Any]]:
+    """The configured trainer with its callbacks and loggers; ``max_time`` replaces ``trainer.max_time`` when given."""
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        strategy=choose_strategy(cfg.trainer, multirun),
+        plugins=[SafeCheckpointIO()],  # atomic checkpoint writes, weights_only loads
+        **({} if max_time is None else {"max_time": max_time}),
+    )
+    return trainer, loggers
+
+
+def run_starts(cfg: DictConfig, ms: dict[str, Any], datamodule: pl.LightningDataModule, multirun: bool) -> tuple[multistart.Start, timedelta | None]:
+    """Train ``ms["starts"]`` seeds for ``ms["epochs"]`` epochs each; the best start and the time left for the run.
+
+    The time left is ``trainer.max_time`` minus what the other starts took: the chosen start's
+    checkpoint carries its own elapsed time, which Lightning's timer counts on resume.
+    """
+    folder = Path(cfg.paths.output_dir) / "starts"
+    budget = multistart.max_time_seconds(cfg.trainer.get("max_time"))
+    t0 = time.monotonic()
+    starts: list[multistart.Start] = []
+    for i in range(ms["starts"]):
+        seed = int(cfg.seed) + i
+        sub = multistart.start_config(cfg, seed, folder / f"seed{seed}", ms["epochs"])
+        left = None if budget is None else timedelta(seconds=max(1.0, budget - (time.monotonic() - t0)))
+        pl.seed_everything(seed, workers=True)
+        model = hydra.utils.instantiate(sub.model, _convert_="partial")
+        model.run_config = run_config(sub)
+        trainer, _ = build_trainer(sub, multirun, left)
+        t_start = time.monotonic()
+        trainer.fit(model, datamodule=datamodule)
+        value = trainer.callback_metrics.get(ms["monitor"])
+        starts.append(multistart.Start(seed, str(folder / f"seed{seed}"), None if value is None else float(value), time.monotonic() - t_start))
+        log.info("start seed %d: %s = %s", seed, ms["monitor"], starts[-1].score)
+    chosen = multistart.best(starts, ms["mode"])
+    multistart.write_summary(folder, starts, chosen, ms["monitor"], ms["mode"])
+    scores = ", ".join(f"seed {s.seed}: {s.score if s.score is None else round(s.score, 3)}" for s in starts)
+    print(f"mr2ct: continuing start seed {chosen.seed} (best {ms['monitor']}; {scores})", flush=True)
+    if budget is None:
+        return chosen, None
+    others = (time.monotonic() - t0) - chosen.seconds
+    return chosen, timedelta(seconds=max(1.0, budget - others))
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit (and optionally test) the model described by ``cfg``; returns the final metrics."""
     validate(cfg)
@@ -106,7 +162,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     numerics = resolve_numerics(cfg)  # precision / memory format "auto": a probe on this device, before anything is built
     datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
     model: pl.LightningModule = hydra.utils.instantiate(cfg.model, _convert_="partial")
-    model.run_config = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in cfg if k != "hydra"}
+    model.run_config = run_config(cfg)
     for split in ("train_a", "train_b", "train_pairs", "val", "test"):  # missing/empty folders fail now, not after start-up
         datamodule.records(split)
     if "paired" in cfg.loss and not datamodule.records("train_pairs"):
@@ -117,15 +173,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         guard(datamodule)
     if ckpt_path is not None:  # refuse unsafe, corrupt or foreign checkpoints before any training state exists
         check_state_dict_compatible(model.state_dict(), safe_torch_load(ckpt_path).get("state_dict", {}), ckpt_path)
-    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer,
-        callbacks=callbacks,
-        logger=loggers or False,
-        strategy=choose_strategy(cfg.trainer, multirun),
-        plugins=[SafeCheckpointIO()],  # atomic checkpoint writes, weights_only loads
-    )
+    chosen = None
+    max_time = None
+    ms = multistart.settings(cfg)
+    if ms is not None:  # several seeds briefly, the best continued (mr2ct/training/multistart.py)
+        chosen, max_time = run_starts(cfg, ms, datamodule, multirun)
+        ckpt_path = str(chosen.ckpt)
+        pl.seed_everything(int(cfg.seed), workers=True)
+        model = hydra.utils.instantiate(cfg.model, _convert_="partial")
+        model.run_config = run_config(cfg)
+    trainer, loggers = build_trainer(cfg, multirun, max_time)
 
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -135,6 +192,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         info = run_info()
         if numerics is not None:
             info["numerics"] = dataclasses.asdict(numerics)
+        if chosen is not None:
+            info["multistart"] = json.loads((output_dir / "starts" / "summary.json").read_text())
         info_path.write_text(json.dumps(info, indent=2))
         if hydra_cfg is None:  # Hydra already saved .hydra/config.yaml otherwise
             OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
