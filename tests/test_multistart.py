@@ -84,3 +84,10 @@ def test_max_time_forms():
     assert multistart.max_time_seconds(None) is None
     assert multistart.max_time_seconds("00:01:02:03") == 3723
     assert multistart.max_time_seconds({"minutes": 2}) == 120
+
+
+def test_without_validation_volumes_it_stops_before_training(train_cfg, tmp_path):
+    cfg = train_cfg([*tiny(), "model.n_epochs=3", "multistart.starts=2", "multistart.epochs=1", "data.n_val=0"])
+    with pytest.raises(ConfigError, match="validation volumes"):
+        train_module.train(cfg)
+    assert not (tmp_path / "run" / "starts").exists()

@@ -176,6 +176,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     chosen = None
     max_time = None
     ms = multistart.settings(cfg)
+    if ms is not None and not datamodule.records("val"):
+        raise ConfigError("multistart.starts > 1 chooses by validation: give validation volumes (data.val_a/data.val_b) or multistart.starts=1")
     if ms is not None:  # several seeds briefly, the best continued (mr2ct/training/multistart.py)
         chosen, max_time = run_starts(cfg, ms, datamodule, multirun)
         ckpt_path = str(chosen.ckpt)
