@@ -27,7 +27,7 @@ def set_project_root() -> None:
     os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
 
 
-def _num_devices(devices: Any) -> int:
+def num_devices(devices: Any) -> int:
     if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
         return len(devices)
     if isinstance(devices, str):
@@ -48,7 +48,7 @@ def choose_strategy(trainer_cfg: DictConfig, multirun: bool = False) -> Any:
     strategy = trainer_cfg.get("strategy", "auto")
     if strategy != "auto":
         return strategy
-    several = _num_devices(trainer_cfg.get("devices", 1)) > 1 or int(trainer_cfg.get("num_nodes", 1)) > 1
+    several = num_devices(trainer_cfg.get("devices", 1)) > 1 or int(trainer_cfg.get("num_nodes", 1)) > 1
     if not several:
         return "auto"
     return "ddp_spawn_find_unused_parameters_true" if multirun else "ddp_find_unused_parameters_true"

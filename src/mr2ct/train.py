@@ -175,9 +175,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_state_dict_compatible(model.state_dict(), safe_torch_load(ckpt_path).get("state_dict", {}), ckpt_path)
     chosen = None
     max_time = None
-    ms = multistart.settings(cfg)
-    if ms is not None and not datamodule.records("val"):
-        raise ConfigError("multistart.starts > 1 chooses by validation: give validation volumes (data.val_a/data.val_b) or multistart.starts=1")
+    ms = multistart.settings(cfg, has_validation=bool(datamodule.records("val")))
     if ms is not None:  # several seeds briefly, the best continued (mr2ct/training/multistart.py)
         chosen, max_time = run_starts(cfg, ms, datamodule, multirun)
         ckpt_path = str(chosen.ckpt)

@@ -22,7 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from mr2ct.config import _num_devices
+from mr2ct.config import num_devices
 from mr2ct.errors import ConfigError
 
 
@@ -40,8 +40,11 @@ class Start:
         return Path(self.folder) / "checkpoints" / "last.ckpt"
 
 
-def settings(cfg: DictConfig) -> dict[str, Any] | None:
-    """The checked ``multistart`` settings, or None when off (``starts`` of 1) or when resuming."""
+def settings(cfg: DictConfig, has_validation: bool = True) -> dict[str, Any] | None:
+    """The checked ``multistart`` settings, or None when off (``starts`` of 1) or when resuming.
+
+    ``has_validation``: whether the data module has validation volumes, which the choice needs.
+    """
     ms = cfg.get("multistart") or {}
     starts = int(ms.get("starts", 1) or 1)
     if starts <= 1 or cfg.get("ckpt") not in (None, ""):
@@ -55,9 +58,11 @@ def settings(cfg: DictConfig) -> dict[str, Any] | None:
         raise ConfigError(f"multistart.mode must be min or max, got {mode!r}")
     if cfg.get("seed") is None:
         raise ConfigError("multistart.starts > 1 needs a seed (seed=<int>): each start uses seed, seed+1, ...")
-    if _num_devices(cfg.trainer.get("devices", 1)) > 1 or int(cfg.trainer.get("num_nodes", 1)) > 1:
+    if num_devices(cfg.trainer.get("devices", 1)) > 1 or int(cfg.trainer.get("num_nodes", 1)) > 1:
         raise ConfigError("multistart.starts > 1 runs its starts one after another in one process: use trainer.devices=1 "
                           "(on several devices, launch the seeds as a multirun and resume the best with ckpt=<its run folder>)")
+    if not has_validation:
+        raise ConfigError("multistart.starts > 1 chooses by validation: give validation volumes (data.val_a/data.val_b) or multistart.starts=1")
     return {"starts": starts, "epochs": epochs, "monitor": str(ms.get("monitor", "val/dice")), "mode": mode}
 
 
