@@ -58,8 +58,10 @@ CONFIGS: dict[str, str] = {
     "default": "",
     "default_mind": "loss=+mind",
     "spectral": "loss=+spectral",  # spectral norm in D: the original project's best run
-    "multistart": "multistart.starts=3",
-    "ct2000": "data.ct_window=[-1024,2000]",  # CT scaled over -1024..2000 HU, not 3000: more output range between soft tissue and marrow  # three seeds for 10 epochs each, the best by val/dice continued
+    "multistart": "multistart.starts=3",  # three seeds for 10 epochs each, the best by val/dice continued
+    "ct2000": "data.ct_window=[-1024,2000]",  # CT scaled over -1024..2000 HU, not 3000: more output range between soft tissue and marrow
+    "cycle5": "loss.cycle.weight=5",  # lambda_cycle 5 instead of 10: the adversarial term weighs twice as much
+    "d_full_res": "discriminator.full_res_layer=true",  # a stride-1 layer in front of the discriminators
     "paired25": "loss=+paired data.paired_fraction=0.25",
     "paired100": "loss=+paired data.paired_fraction=1.0",
     "cpu_30min": "experiment=cpu_30min trainer.max_time=null",  # give budget_min >= 35

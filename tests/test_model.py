@@ -143,3 +143,30 @@ def test_test_true_scores_the_best_checkpoint_on_the_test_split_and_logs_it(trai
     assert {"test/mae", "test/dice", "test/ssim"} <= set(metrics) and 0.0 <= metrics["test/dice"] <= 1.0
     header = (tmp_path / "run" / "csv" / "metrics.csv").read_text().splitlines()[0]
     assert "test/mae" in header  # the final test metrics reach the logger too
+
+
+@pytest.mark.parametrize("generator", ["unet", "unet_updated", "resnet3d_2blk"])
+def test_body_median_output_init_starts_each_generator_at_its_target_domains_body_level(train_cfg, generator):
+    """``model.output_init=body_median``: before any step, G_ab writes the CT body median and G_ba the MRI's."""
+    import pytorch_lightning as pl
+
+    cfg = train_cfg([f"generator={generator}", *tiny(generator), "model.output_init=body_median", "model.output_init_samples=4"])
+    model, dm = instantiate(cfg.model, _convert_="partial"), instantiate(cfg.data)
+    x = torch.zeros(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        assert abs(model.g_ab(x).mean()) < 0.05  # the CycleGAN init alone: the middle of the window
+    trainer = pl.Trainer(max_steps=0, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, datamodule=dm)
+    levels = model.output_levels
+    # air is left out: the CT body median is soft tissue (-0.47 = 40 HU), far from the patches' overall median
+    assert -0.6 < levels["b"] < -0.35 and levels["a"] > -0.9
+    sample = dm.datasets["train"][0]
+    sample = sample[0] if isinstance(sample, list) else sample
+    with torch.no_grad():
+        out_b, out_a = model.g_ab(torch.as_tensor(sample["a"])[None]), model.g_ba(torch.as_tensor(sample["b"])[None])
+    assert abs(out_b.mean().item() - levels["b"]) < 0.1 and abs(out_a.mean().item() - levels["a"]) < 0.1
+
+
+def test_output_init_is_validated(train_cfg):
+    with pytest.raises(Exception, match="output_init"):
+        instantiate(train_cfg([*tiny(), "model.output_init=mean"]).model, _convert_="partial")

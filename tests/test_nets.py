@@ -149,6 +149,21 @@ def test_discriminator_shapes_and_size_error():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in d.parameters())
 
 
+
+def test_full_res_layer_keeps_shapes_and_sees_single_voxels():
+    """The stride-1 layer in front changes neither the logits' shape nor the size limit."""
+    d = PatchDiscriminator3D(ndf=4, n_layers=2, full_res_layer=True)
+    plain = PatchDiscriminator3D(ndf=4, n_layers=2)
+    assert d.min_input_size == plain.min_input_size
+    assert d(torch.randn(1, 1, 16, 16, 20)).shape == plain(torch.randn(1, 1, 16, 16, 20)).shape == (1, 1, 2, 2, 3)
+    first = d.model[0]
+    assert isinstance(first, nn.Conv3d) and first.stride == (1, 1, 1) and first.kernel_size == (3, 3, 3)
+    assert isinstance(plain.model[0], nn.Conv3d) and plain.model[0].stride == (2, 2, 2)
+    assert first(torch.randn(1, 1, 16, 16, 16)).shape[2:] == (16, 16, 16)
+    d.zero_grad()
+    d(torch.randn(1, 1, 16, 16, 16)).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in d.parameters())
+
 def test_spectral_norm():
     d = PatchDiscriminator3D(ndf=4, n_layers=3, spectral_norm=True)
     convs = [m for m in d.modules() if isinstance(m, nn.Conv3d)]

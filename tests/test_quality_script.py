@@ -38,3 +38,13 @@ def test_quality_benchmark_trains_evaluates_and_tabulates_each_configuration(tmp
     assert "MINDLoss" in (Path(runs[1]["run"]) / ".hydra" / "config.yaml").read_text()  # the named configuration ran
     table = res.stdout.split("\n\n")[-1]
     assert "old_default" in table and "mine" in table and "bone Dice" in table
+    # the tissue diagnostic reads the same checkpoint: the synthetic CT's and the real CT's mean per tissue
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("phantom_tissues", ROOT / "scripts" / "phantom_tissues.py")
+    tissues = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tissues)
+    means = tissues.tissue_means(runs[0]["ckpt"], "test")
+    assert {"air", "fat", "muscle", "cortical", "trabecular", "disc"} <= set(means)
+    assert means["air"][1] < -900 and means["cortical"][1] > means["trabecular"][1] > means["muscle"][1]  # the real CT
+    assert all(-1100 < fake < 3100 for fake, _ in means.values())

@@ -19,10 +19,13 @@ Per training batch (manual optimisation, two optimizers):
               step 1 (detached; never recomputed) drawn through a 50-image history pool.
 
 The learning rate is constant for ``n_epochs`` and decays linearly to zero over ``n_epochs_decay``.
+With ``output_init="body_median"`` each generator starts out writing its target domain's median body
+intensity (measured on training patches) instead of 0, the middle of the intensity window.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -34,11 +37,14 @@ from torch import Tensor, nn
 from mr2ct.data.transforms import unit_to_hu
 from mr2ct.inference import translate_volume
 from mr2ct.model.optim import adam
+from mr2ct.model.output_init import start_at_body_median
 from mr2ct.model.pool import ImagePool
 from mr2ct.model.step import StepHooks, cyclegan_step
 from mr2ct.nets import init_weights
 
 OPTIONAL_TERMS = ("identity", "gc", "mind", "perceptual", "paired")
+OUTPUT_INITS = ("zero", "body_median")
+log = logging.getLogger(__name__)
 
 
 def plain(x: Tensor) -> Tensor:
@@ -85,6 +91,10 @@ class CycleGAN(pl.LightningModule):
         compile: ``torch.compile`` the generators (first step pays the compilation).
         mask_losses: average the cycle, identity and MIND terms over the body voxels of each patch (the
             batch's ``mask_a``/``mask_b``) instead of the whole patch, so air does not dilute them.
+        output_init: ``"zero"``: the untrained generators write 0, the middle of the window (≈ 990 HU for
+            the default CT window: bone); ``"body_median"``: at the start of a new fit each generator's output
+            bias is set so that it writes the median body intensity of its target domain, measured on
+            ``output_init_samples`` training patches (soft tissue in CT), see :meth:`setup`.
     """
 
     def __init__(
@@ -107,6 +117,8 @@ class CycleGAN(pl.LightningModule):
         compile: bool = False,
         optimizer_state: str = "float32",
         mask_losses: bool = False,
+        output_init: str = "zero",
+        output_init_samples: int = 16,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["generator", "discriminator", "losses"])
@@ -126,6 +138,10 @@ class CycleGAN(pl.LightningModule):
             raise ValueError(f"memory_format must be 'contiguous' or 'channels_last' (auto is resolved by mr2ct.numerics), got {memory_format!r}")
         self.split_backward, self.channels_last = bool(split_backward), memory_format == "channels_last"
         self.mask_losses = bool(mask_losses)
+        if output_init not in OUTPUT_INITS:
+            raise ValueError(f"model.output_init must be one of {OUTPUT_INITS}, got {output_init!r}")
+        self.output_init, self.output_init_samples = output_init, int(output_init_samples)
+        self.output_levels: dict[str, float] | None = None  # set by setup() with body_median
         if self.channels_last:
             # NDHWC lets oneDNN skip the layout reorders around every 3D conv (faster for some nets and CPUs)
             self.to(memory_format=torch.channels_last_3d)
@@ -137,6 +153,23 @@ class CycleGAN(pl.LightningModule):
         self.inference = dict(inference or {"roi_size": (96, 96, 96)})
         # the resolved run config, stored in checkpoints so translate/evaluate can rebuild the nets
         self.run_config: dict | None = None
+
+    # -- start ------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """``output_init="body_median"``: start each generator at its target domain's median body intensity.
+
+        Runs before the weights of a resumed run are loaded (which then replace the biases) and before DDP
+        wraps the model; the levels measured on rank 0 are broadcast so every rank starts alike.
+        """
+        if stage != "fit" or self.output_init != "body_median":
+            return
+        dm = getattr(self.trainer, "datamodule", None)
+        train = getattr(dm, "datasets", {}).get("train") if dm is not None else None
+        if train is None:
+            raise ValueError("model.output_init=body_median needs the data module's training set (mr2ct data modules)")
+        self.output_levels = start_at_body_median(self, train, self.output_init_samples, self.trainer.strategy.broadcast)
+        log.info("generators start at the median body intensity of training patches: MRI %.3f, CT %.3f (normalised)",
+                 self.output_levels["a"], self.output_levels["b"])
 
     # -- the algorithm ----------------------------------------------------------------------------
     def forward(self, real_a: Tensor) -> Tensor:
@@ -358,3 +391,4 @@ class CycleGAN(pl.LightningModule):
         if pools:
             self.pool_a.load_state_dict(pools["a"], self.device)
             self.pool_b.load_state_dict(pools["b"], self.device)
+

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["init_weights"]
+__all__ = ["init_weights", "init_output_level"]
 
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
 _WEIGHT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
@@ -63,3 +63,29 @@ def _resync_spectral_norm(m: nn.Module, n_iter: int = 15) -> None:
     for p in m.parametrizations.weight:
         if hasattr(p, "_u") and hasattr(p, "_power_method"):
             p._power_method(p._reshape_weight_to_matrix(m.parametrizations.weight.original), n_iter)
+
+
+def output_conv(net: nn.Module) -> nn.Module:
+    """The output convolution of a generator: the last convolution registered in ``net``, with a bias."""
+    convs = [m for m in net.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    head = convs[-1] if convs else None
+    if head is None or head.bias is None or head.out_channels != getattr(net, "out_channels", head.out_channels):
+        raise ValueError(f"{type(net).__name__}: no output convolution with a bias to set")
+    return head
+
+
+@torch.no_grad()
+def init_output_level(net: nn.Module, level: float, example: torch.Tensor) -> float:
+    """Shift the bias of ``net``'s output convolution so that its output on ``example`` averages ``level``.
+
+    The generators end in ``tanh``; the shift is measured before it (``atanh`` of the output), where the
+    output convolution's bias adds directly, also when a residual or a norm sits between the last
+    convolution and ``tanh`` only as an additive path. Returns the new bias (one value per output channel
+    is set to the same number).
+    """
+    head = output_conv(net)
+    clamp = lambda t: t.clamp(-0.99, 0.99)  # noqa: E731
+    out = net(example.to(head.bias.device, head.bias.dtype)).float()
+    shift = torch.atanh(clamp(torch.tensor(float(level)))) - torch.atanh(clamp(out)).mean()
+    head.bias.add_(shift.to(head.bias.dtype))
+    return float(head.bias.mean())

@@ -18,6 +18,9 @@ class PatchDiscriminator3D(nn.Module):
 
     Layout (all convs 4³ with padding 1, as pix2pix):
 
+    * with ``full_res_layer``: first a 3³ conv stride 1 ``C_in -> ndf`` (no norm), LeakyReLU(0.2), so that the
+      first features are computed at full resolution (a one-voxel cortical shell is seen as such, not only
+      through a stride-2 filter), and the next conv takes ``ndf`` channels;
     * conv stride 2 ``C_in -> ndf`` (no norm), LeakyReLU(0.2);
     * ``n_layers - 1`` blocks: conv stride 2, channels doubling (capped at 8·ndf), norm, LeakyReLU(0.2);
     * conv stride 1 to ``min(2**n_layers, 8)·ndf``, norm, LeakyReLU(0.2);
@@ -35,6 +38,7 @@ class PatchDiscriminator3D(nn.Module):
             (Miyato et al. 2018; one power iteration per training forward). The configured ``norm`` layers are
             kept as they are (pass ``norm="none"`` for the pure SN-GAN discriminator, whose convs then regain
             their bias).
+        full_res_layer: add the stride-1 3³ layer in front (shapes unchanged; more compute per step).
 
     Shapes:
         input (B, C_in, X, Y, Z) -> logits (B, 1, X', Y', Z') with, per dimension,
@@ -50,6 +54,7 @@ class PatchDiscriminator3D(nn.Module):
         n_layers: int = 3,
         norm: str = "instance",
         spectral_norm: bool = False,
+        full_res_layer: bool = False,
     ) -> None:
         super().__init__()
         if n_layers < 1:
@@ -59,8 +64,8 @@ class PatchDiscriminator3D(nn.Module):
         self.spectral_norm = spectral_norm
         self.min_input_size: int = 3 * 2**n_layers
 
-        def conv(cin: int, cout: int, stride: int, bias: bool) -> nn.Module:
-            c = nn.Conv3d(cin, cout, 4, stride=stride, padding=1, bias=bias)
+        def conv(cin: int, cout: int, stride: int, bias: bool, kernel: int = 4) -> nn.Module:
+            c = nn.Conv3d(cin, cout, kernel, stride=stride, padding=1, bias=bias)
             return _spectral_norm(c) if spectral_norm else c
 
         def block(cin: int, cout: int, stride: int) -> list[nn.Module]:
@@ -71,7 +76,10 @@ class PatchDiscriminator3D(nn.Module):
             layers.append(nn.LeakyReLU(0.2, inplace=True))
             return layers
 
-        layers: list[nn.Module] = [conv(in_channels, ndf, 2, bias=True), nn.LeakyReLU(0.2, inplace=True)]
+        layers: list[nn.Module] = []
+        if full_res_layer:
+            layers += [conv(in_channels, ndf, 1, bias=True, kernel=3), nn.LeakyReLU(0.2, inplace=True)]
+        layers += [conv(ndf if full_res_layer else in_channels, ndf, 2, bias=True), nn.LeakyReLU(0.2, inplace=True)]
         mult = 1
         for n in range(1, n_layers):
             prev, mult = mult, min(2**n, 8)
