@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["init_weights", "init_output_level"]
+__all__ = ["init_weights", "init_output_level", "output_conv"]
 
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
 _WEIGHT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
@@ -79,9 +79,8 @@ def init_output_level(net: nn.Module, level: float, example: torch.Tensor) -> fl
     """Shift the bias of ``net``'s output convolution so that its output on ``example`` averages ``level``.
 
     The generators end in ``tanh``; the shift is measured before it (``atanh`` of the output), where the
-    output convolution's bias adds directly, also when a residual or a norm sits between the last
-    convolution and ``tanh`` only as an additive path. Returns the new bias (one value per output channel
-    is set to the same number).
+    output convolution's bias adds directly, also when a residual path is added after that convolution (a
+    norm after it would cancel the shift; no generator has one there). Returns the mean of the new bias.
     """
     head = output_conv(net)
     clamp = lambda t: t.clamp(-0.99, 0.99)  # noqa: E731
