@@ -12,16 +12,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from monai.data import MetaTensor
 from torch import Tensor, nn
 
 from mr2ct.nets import init_output_level, output_conv
 
 __all__ = ["body_medians", "start_at_body_median"]
-
-
-def _plain(x: Tensor) -> Tensor:
-    return x.as_tensor() if isinstance(x, MetaTensor) else x
 
 
 def body_medians(train: Any, n: int) -> tuple[dict[str, float], dict[str, Tensor]]:
@@ -37,7 +32,8 @@ def body_medians(train: Any, n: int) -> tuple[dict[str, float], dict[str, Tensor
         item = train[i % len(train)]
         for sample in item if isinstance(item, list) else [item]:
             for k in values:
-                x, m = _plain(sample[k]).float(), _plain(sample[f"mask_{k}"]) > 0.5
+                # as plain tensors: MONAI's MetaTensor would carry its metadata into every result
+                x, m = sample[k].as_subclass(Tensor).float(), sample[f"mask_{k}"].as_subclass(Tensor) > 0.5
                 values[k].append(x[m] if m.any() else x.flatten())
                 examples.setdefault(k, x[None] if x.dim() == 4 else x)
     return {k: float(torch.cat(v).median()) for k, v in values.items()}, examples
