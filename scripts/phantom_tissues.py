@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import hydra
 import numpy as np
 import torch
 
@@ -29,11 +30,10 @@ def tissue_means(ckpt: str | Path, split: str = "val") -> dict[str, tuple[float,
     """Tissue name -> (mean HU of the synthetic CT, mean HU of the real CT) over the split's volumes."""
     net, cfg = load_generator(ckpt, "a2b")
     data = cfg["data"]
-    if "mri_contrast" not in data:
-        raise ValueError(f"{ckpt}: not a phantom run (data.mri_contrast missing)")
     window, inference = data["ct_window"], cfg["model"]["inference"]
-    dm = PhantomDataModule(n_train=1, n_val=data["n_val"], n_test=data["n_test"], shape=data["shape"], spacing=data["spacing"],
-                           seed=data["seed"], mri_contrast=data["mri_contrast"], ct_window=window, mri_percentiles=data["mri_percentiles"])
+    dm = hydra.utils.instantiate(data)  # the run's own data module, as mr2ct.evaluate builds it
+    if not isinstance(dm, PhantomDataModule):
+        raise ValueError(f"{ckpt}: not a phantom run")
     dataset, records = dm.paired_dataset(split), dm.records(split)
     fake: dict[str, list[np.ndarray]] = {k: [] for k in TISSUES}
     real: dict[str, list[np.ndarray]] = {k: [] for k in TISSUES}
