@@ -19,7 +19,8 @@ def test_default_config_is_the_cpu_demo(train_cfg):
     assert cfg.data._target_.endswith("PhantomDataModule")
     assert sorted(cfg.loss) == ["adversarial", "cycle"]  # identity off, MIND optional: README "Translation quality"
     assert cfg.loss.cycle.weight == 10.0
-    assert cfg.data.body_patch_prob == 0.9 and cfg.data.patches_per_epoch == 40  # 4000 steps: the quality table
+    assert cfg.data.body_patch_prob == 0.9 and cfg.data.patches_per_epoch == 32  # 3200 steps after the starts: the quality table
+    assert cfg.multistart.starts == "auto" and cfg.multistart.epochs == 5  # four short starts, the best continued
     assert cfg.trainer.precision == "auto" and cfg.model.memory_format == "auto"  # chosen per machine at start-up
     assert cfg.discriminator.spectral_norm is False
     assert cfg.trainer.max_epochs == cfg.model.n_epochs + cfg.model.n_epochs_decay

@@ -14,7 +14,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from conftest import compose_train_cfg, run_cli, tiny
+from conftest import compose_train_cfg, run_cli, run_tool_here, tiny
 from mr2ct.config import CONFIG_DIR
 from mr2ct.data.phantom import make_phantom
 from mr2ct.evaluate import evaluate
@@ -99,7 +99,7 @@ def test_evaluate_on_paired_nifti_folders_without_bone_masks(trained, tmp_path):
     assert summary["metrics"]["mae"]["std"] > 0
 
 
-def test_evaluate_without_test_folders_refuses_instead_of_scoring_validation(trained, tmp_path):
+def test_evaluate_without_test_folders_refuses_instead_of_scoring_validation(trained, tmp_path, capsys):
     """data=nifti with validation folders only: the test split is empty, never the validation volumes."""
     out, _ = trained
     for folder in ("mri", "ct"):
@@ -109,11 +109,11 @@ def test_evaluate_without_test_folders_refuses_instead_of_scoring_validation(tra
     nib.save(nib.Nifti1Image(p.ct, np.diag([6.0, 6.0, 6.0, 1.0])), tmp_path / "ct" / "s1.nii.gz")
     ckpt = f"ckpt={out / 'checkpoints' / 'last.ckpt'}"
     folders = ["data=nifti", f"data.val_a={tmp_path / 'mri'}", f"data.val_b={tmp_path / 'ct'}"]
-    res = run_cli(["mr2ct.evaluate", ckpt, *folders, f"hydra.run.dir={tmp_path / 'eval'}"])
+    res = run_tool_here(["mr2ct.evaluate", ckpt, *folders, f"hydra.run.dir={tmp_path / 'eval'}"], capsys)
     assert res.returncode == 2, res.stderr[-2000:]
     errors = [line for line in res.stderr.splitlines() if line.startswith("mr2ct: error:")]
     assert len(errors) == 1 and "no paired test data" in errors[0] and "data.test_a" in errors[0]
     assert not (tmp_path / "eval" / "metrics.csv").exists()
-    res = run_cli(["mr2ct.evaluate", ckpt, *folders, "split=val", f"hydra.run.dir={tmp_path / 'eval_val'}"])
+    res = run_tool_here(["mr2ct.evaluate", ckpt, *folders, "split=val", f"hydra.run.dir={tmp_path / 'eval_val'}"], capsys)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "s1" in (tmp_path / "eval_val" / "metrics.csv").read_text()

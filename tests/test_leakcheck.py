@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import run_cli, tiny
+from conftest import run_cli, run_tool_here, tiny
 from mr2ct.data.augment import augment_folder, write_phantom_nifti
 from mr2ct.data.leaks import LeakError, Settings, score_matrix
 from mr2ct.data.manifest import subject_id
@@ -46,9 +46,9 @@ def test_recall_and_false_positive_rate_on_phantoms(phantoms, modality):
     assert not flagged[~copy].any(), f"FPR {flagged[~copy].mean():.4f}, highest other score {scores[~copy].max():.3f}"
 
 
-def test_cli_exit_codes(phantoms, tmp_path):
+def test_cli_exit_codes(phantoms, tmp_path, capsys):
     shutil.copytree(phantoms / "others", tmp_path / "train")
-    clean = run_cli(["mr2ct.leakcheck", f"train={tmp_path / 'train'}", f"test={phantoms / 'test'}"])
+    clean = run_tool_here(["mr2ct.leakcheck", f"train={tmp_path / 'train'}", f"test={phantoms / 'test'}"], capsys)
     assert clean.returncode == 0, clean.stdout + clean.stderr
     shutil.copy(phantoms / "copies" / "sub003_rot07.nii.gz", tmp_path / "train")
     leaky = run_cli(["mr2ct.leakcheck", f"train={tmp_path / 'train'}", f"test={phantoms / 'test'}"])

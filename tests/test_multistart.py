@@ -80,6 +80,36 @@ def test_bad_multistart_settings_are_refused(train_cfg, overrides, message):
         multistart.settings(cfg)
 
 
+def test_the_default_runs_several_starts(train_cfg):
+    """``starts=auto`` is the default: the default run (phantom, one device, a seed) gets its starts."""
+    ms = multistart.settings(train_cfg([]))
+    assert ms is not None and ms["starts"] == multistart.AUTO_STARTS > 1 and ms["monitor"] == "val/dice" and ms["mode"] == "max"
+
+
+@pytest.mark.parametrize(
+    "overrides, has_validation, reason",
+    [
+        (["trainer.devices=2"], True, "several devices"),
+        (["seed=null"], True, "no seed"),
+        ([], False, "no validation volumes"),
+        (["multistart.epochs=3"], True, "no room"),  # the 3-epoch schedule: nothing left after a start
+        (["ckpt=last"], True, None),  # a resume continues its own run
+    ],
+)
+def test_auto_falls_back_to_one_start_where_starts_cannot_run(train_cfg, caplog, overrides, has_validation, reason):
+    base = [*tiny(), "model.n_epochs=3", "multistart.epochs=1", "multistart.starts=auto"]
+    assert multistart.settings(train_cfg(base))["starts"] == multistart.AUTO_STARTS
+    with caplog.at_level("INFO", logger="mr2ct.multistart"):
+        assert multistart.settings(train_cfg([*base, *overrides]), has_validation=has_validation) is None
+    if reason:
+        assert reason in caplog.text
+
+
+def test_starts_must_be_auto_or_a_number(train_cfg):
+    with pytest.raises(ConfigError, match="auto or a whole number"):
+        multistart.settings(train_cfg([*tiny(), "multistart.starts=many"]))
+
+
 def test_max_time_forms():
     assert multistart.max_time_seconds(None) is None
     assert multistart.max_time_seconds("00:01:02:03") == 3723

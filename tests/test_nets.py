@@ -164,6 +164,22 @@ def test_full_res_layer_keeps_shapes_and_sees_single_voxels():
     d(torch.randn(1, 1, 16, 16, 16)).mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in d.parameters())
 
+@pytest.mark.parametrize("layout", [TINY_UNET, TINY_UNET_RES], ids=["unet", "unet_res"])
+def test_input_skip_starts_from_the_inverted_input_and_learns(layout):
+    """``input_skip=-1``: an initialised generator writes about ``tanh(-x)``; the scalar gets a gradient."""
+    x = torch.rand(1, 1, 16, 16, 16) * 2 - 1
+    g = init_weights(UNetGenerator(**layout, input_skip=-1.0))
+    y = g(x)
+    assert torch.corrcoef(torch.stack([y.flatten(), x.flatten()]))[0, 1] < -0.7  # residual units add their own output
+    y.mean().backward()
+    assert g.input_skip.grad is not None and g.input_skip.grad != 0
+    plain = init_weights(UNetGenerator(**layout))  # off: no parameter, the state dict of earlier checkpoints
+    assert plain.input_skip is None and "input_skip" not in plain.state_dict() and "input_skip" in g.state_dict()
+    assert abs(torch.corrcoef(torch.stack([plain(x).flatten(), x.flatten()]))[0, 1]) < 0.2
+    with pytest.raises(ValueError, match="in_channels == out_channels"):
+        UNetGenerator(**layout, out_channels=2, input_skip=-1.0)
+
+
 def test_spectral_norm():
     d = PatchDiscriminator3D(ndf=4, n_layers=3, spectral_norm=True)
     convs = [m for m in d.modules() if isinstance(m, nn.Conv3d)]

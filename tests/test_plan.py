@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, run_tool_here
 from mr2ct import profiling as P
 
 #: configurations that fit this machine, without and with savers (a ~1 min each on 2 loaded cores; more in
@@ -19,7 +19,7 @@ VALIDATION = [
 ]
 
 
-def test_plan_cli_prints_savers_and_verdicts(tmp_path):
+def test_plan_cli_prints_savers_and_verdicts(tmp_path, capsys):
     # a small net keeps the six meta-device traces quick; the 96³ resnet3d_9blk table is in the README
     res = run_cli(["mr2ct.plan", "generator=resnet3d_2blk", "generator.ngf=8", "data.patch_size=[32,32,32]",
                    "gpu_memory_gb=0.045", "gpu_context_gb=0", f"json={tmp_path / 'plan.json'}"], timeout=300)
@@ -38,7 +38,7 @@ def test_plan_cli_prints_savers_and_verdicts(tmp_path):
     assert full["split+ckpt+bf16_state"]["state_gb"] == pytest.approx(0.75 * full["split+ckpt"]["state_gb"], rel=0.01)
     assert full["split+ckpt+bf16_state"]["tensor_peak_gb"] < full["split+ckpt"]["tensor_peak_gb"]
     assert rows["split+ckpt"][5] == "yes" and rows["none"][5] == "no"  # 0.045 GB: only with savers
-    bad = run_cli(["mr2ct.plan", "savers=[nonsense]"], timeout=300)
+    bad = run_tool_here(["mr2ct.plan", "savers=[nonsense]"], capsys)
     assert bad.returncode == 2 and "mr2ct: error: unknown saver" in bad.stderr
 
 

@@ -7,7 +7,7 @@ import shutil
 import pytest
 from hydra.utils import instantiate
 
-from conftest import run_cli
+from conftest import run_cli, run_tool_here
 from mr2ct.data.augment import augment_folder, write_phantom_nifti
 from mr2ct.data.splits import read_split
 from mr2ct.data.splits import make_split, write_split
@@ -81,15 +81,15 @@ def test_nifti_datamodule_reads_the_split_file(dataset, train_cfg, tmp_path):
     assert val["a"].shape == (1, 1, *SHAPE) and float(val["b"].min()) >= -1.0
 
 
-def test_cli_writes_a_split_file(dataset, tmp_path):
+def test_cli_writes_a_split_file(dataset, tmp_path, capsys):
     args = [f"input={dataset}", "test_fraction=0.34", "val_fraction=0", f"output={tmp_path / 'split.json'}"]
     res = run_cli(["mr2ct.split", *args])
     assert res.returncode == 0, res.stderr
     assert "data.split_file=" in res.stdout and len(read_split(tmp_path / "split.json")["test"]) == 2
     before = (tmp_path / "split.json").read_bytes()
-    again = run_cli(["mr2ct.split", *args, "seed=5"])  # an existing split file is never replaced silently
+    again = run_tool_here(["mr2ct.split", *args, "seed=5"], capsys)  # an existing split file is never replaced silently
     assert again.returncode == 2 and "output exists" in again.stderr and (tmp_path / "split.json").read_bytes() == before
-    bad = run_cli(["mr2ct.split", f"input={dataset}", "test_fraction=0.99"])
+    bad = run_tool_here(["mr2ct.split", f"input={dataset}", "test_fraction=0.99"], capsys)
     assert bad.returncode == 2 and bad.stderr.startswith("mr2ct: error:")
-    old = run_cli(["mr2ct.split", f"in={dataset}"])  # the key of earlier versions names its successor
+    old = run_tool_here(["mr2ct.split", f"in={dataset}"], capsys)  # the key of earlier versions names its successor
     assert old.returncode == 2 and old.stderr.strip() == f"mr2ct: error: in= is now input= (the same key in every tool): input={dataset}"

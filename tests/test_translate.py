@@ -11,7 +11,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import compose_train_cfg, run_cli, tiny
+from conftest import compose_train_cfg, run_cli, run_tool_here, tiny
 from mr2ct.checkpoints import load_generator
 from mr2ct.config import CONFIG_DIR
 from mr2ct.data.phantom import make_phantom
@@ -96,7 +96,7 @@ def _cfg(overrides):
         return compose("translate", overrides=overrides)
 
 
-def test_cli_writes_sct_and_bone_and_never_overwrites(ckpt, mri, tmp_path):
+def test_cli_writes_sct_and_bone_and_never_overwrites(ckpt, mri, tmp_path, capsys):
     affine = np.array([[-6.0, 0, 0, 70], [0, 0, 6.0, -40], [0, -6.0, 0, 25], [0, 0, 0, 1]])  # not RAS
     (tmp_path / "in").mkdir()
     src = tmp_path / "in" / "case1.nii.gz"
@@ -118,11 +118,11 @@ def test_cli_writes_sct_and_bone_and_never_overwrites(ckpt, mri, tmp_path):
     assert nib.load(out_dir / "case1.nii.gz").get_data_dtype() == np.float32
     GlobalHydra.instance().clear()
 
-    bad = run_cli(["mr2ct.translate", f"ckpt={tmp_path / 'missing.ckpt'}", f"input={src}", f"output={tmp_path / 'x.nii.gz'}", f"hydra.run.dir={tmp_path / 'h2'}"])
+    bad = run_tool_here(["mr2ct.translate", f"ckpt={tmp_path / 'missing.ckpt'}", f"input={src}", f"output={tmp_path / 'x.nii.gz'}", f"hydra.run.dir={tmp_path / 'h2'}"], capsys)
     assert bad.returncode == 2 and "mr2ct: error: checkpoint not found" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_every_format_in_gives_the_same_synthetic_ct_and_a_folder_run_skips_bad_files(ckpt, mri, tmp_path):
+def test_every_format_in_gives_the_same_synthetic_ct_and_a_folder_run_skips_bad_files(ckpt, mri, tmp_path, capsys):
     """NIfTI, MetaImage, NRRD and a DICOM series of one MRI: the same sCT, each written in the format asked."""
     from test_formats import write_dicom_series
 
@@ -147,7 +147,7 @@ def test_every_format_in_gives_the_same_synthetic_ct_and_a_folder_run_skips_bad_
         np.testing.assert_allclose(out_affine, affine, atol=1e-4, err_msg=name)
         np.testing.assert_array_equal(array, results[0][0], err_msg=name)
 
-    one = run_cli(["mr2ct.translate", f"ckpt={ckpt}", f"input={src / 'd'}", f"output={tmp_path / 'sct.mha'}", "progress=false", f"hydra.run.dir={tmp_path / 'h2'}"])
+    one = run_tool_here(["mr2ct.translate", f"ckpt={ckpt}", f"input={src / 'd'}", f"output={tmp_path / 'sct.mha'}", "progress=false", f"hydra.run.dir={tmp_path / 'h2'}"], capsys)
     assert one.returncode == 0 and (tmp_path / "sct.mha").is_file(), one.stderr[-2000:]  # a file, not a folder named sct.mha
     np.testing.assert_array_equal(read_volume(tmp_path / "sct.mha")[0], results[0][0])
 

@@ -78,6 +78,10 @@ class UNetGenerator(nn.Module):
             (``torch.utils.checkpoint``, non-reentrant) instead of storing its activations. Same outputs and
             gradients, lower peak memory, ~1 extra forward of compute. Only active while grad is enabled.
             Caveat: with ``norm="batch"`` the recomputation updates the running statistics a second time.
+        input_skip: initial value of a learnable scalar ``s`` that adds the input to the output before
+            ``tanh``: ``tanh(h + s * x)``. 0 (the default) builds no such parameter. -1 starts the generator
+            from the intensity-inverted input: MRI-dark structures (cortical bone, air) come out bright,
+            MRI-bright ones (fat, fluid) dark (README "Translation quality"). Needs ``in_channels == out_channels``.
 
     Shapes:
         input (B, C_in, X, Y, Z) -> output (B, C_out, X, Y, Z) with values in [-1, 1]. X, Y and Z must be
@@ -96,8 +100,11 @@ class UNetGenerator(nn.Module):
         dropout: float = 0.0,
         checkpointing: bool = False,
         upsample: str = "transpose",
+        input_skip: float = 0.0,
     ) -> None:
         super().__init__()
+        if input_skip and in_channels != out_channels:
+            raise ValueError(f"input_skip needs in_channels == out_channels, got {in_channels} and {out_channels}")
         if upsample not in ("transpose", "resize"):
             raise ValueError(f"upsample must be 'transpose' or 'resize', got {upsample!r}")
         channels, strides = tuple(int(c) for c in channels), tuple(int(s) for s in strides)
@@ -142,6 +149,8 @@ class UNetGenerator(nn.Module):
             )
             for i in reversed(range(levels))
         )
+        # a plain attribute when off: checkpoints and exports of generators without it stay as they were
+        self.input_skip = nn.Parameter(torch.tensor(float(input_skip))) if input_skip else None
         strip_bias_before_norm(self)
         use_fast_instance_norm(self)
         use_fast_convs(self)  # oneDNN everywhere, the narrow path for the output conv: see mr2ct.nets.cpu_conv
@@ -175,4 +184,6 @@ class UNetGenerator(nn.Module):
         h = self._run(self.bottom, h)
         for up, skip in zip(self.decoder, reversed(skips)):
             h = self._run(partial(self._cat_up, up), skip, h)
+        if self.input_skip is not None:
+            h = h + self.input_skip.to(h.dtype) * x
         return torch.tanh(h)

@@ -1,8 +1,9 @@
 """Several seeds trained briefly, the best by a validation metric continued to the end of the schedule.
 
-An unpaired CycleGAN run settles early into one of a few solutions (on the phantom: vertebral bodies
-rendered bright throughout, or only their cortical shell) and keeps it; which one depends on the seed,
-and the validation metrics tell them apart long before the end (README "Translation quality"). With
+An unpaired CycleGAN run settles early into one of a few solutions and keeps it; which one depends on
+the seed. On the phantom the MRI->CT generator picks the sign of its intensity map within the first
+~200 steps: MRI-dark cortical bone bright and MRI-bright fat dark, or the reverse, which it does not
+leave; in T2 the validation bone Dice tells the two apart by then (README "Translation quality"). With
 ``multistart.starts=K`` training first runs K seeds (``seed``, ``seed+1``, ...) for ``multistart.epochs``
 epochs each on the full LR schedule, validates each once, and resumes the best one's checkpoint for the
 rest of the run. A ``trainer.max_time`` budget covers the whole thing, the starts included.
@@ -14,6 +15,7 @@ Each start keeps its own folder ``<run>/starts/seed<N>/`` (TensorBoard, checkpoi
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -24,6 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from mr2ct.config import num_devices
 from mr2ct.errors import ConfigError
+
+log = logging.getLogger("mr2ct.multistart")
 
 
 @dataclass
@@ -40,17 +44,50 @@ class Start:
         return Path(self.folder) / "checkpoints" / "last.ckpt"
 
 
-def settings(cfg: DictConfig, has_validation: bool = True) -> dict[str, Any] | None:
-    """The checked ``multistart`` settings, or None when off (``starts`` of 1) or when resuming.
+#: starts of ``multistart.starts=auto`` (the default) where they can run
+AUTO_STARTS = 4
 
-    ``has_validation``: whether the data module has validation volumes, which the choice needs.
+
+def _auto_off(cfg: DictConfig, epochs: int, schedule: int, has_validation: bool) -> str | None:
+    """Why ``starts=auto`` trains a single start here, or None when its starts can run."""
+    if cfg.get("seed") is None:
+        return "no seed"
+    if num_devices(cfg.trainer.get("devices", 1)) > 1 or int(cfg.trainer.get("num_nodes", 1)) > 1:
+        return "several devices: the starts run one after another in one process"
+    if not has_validation:
+        return "no validation volumes to choose by (data.val_a/data.val_b)"
+    if not 0 < epochs < schedule:
+        return f"the schedule's {schedule} epochs leave no room for starts of {epochs}"
+    return None
+
+
+def settings(cfg: DictConfig, has_validation: bool = True) -> dict[str, Any] | None:
+    """The checked ``multistart`` settings, or None for a single start (``starts`` of 1, or a resume).
+
+    ``starts=auto`` (the default) means :data:`AUTO_STARTS` starts where they can run (a seed, one device,
+    validation volumes, a schedule longer than a start) and a single start, logged, where they cannot;
+    an explicit number refuses the settings it cannot honour. ``has_validation``: whether the data
+    module has validation volumes, which the choice needs.
     """
     ms = cfg.get("multistart") or {}
-    starts = int(ms.get("starts", 1) or 1)
-    if starts <= 1 or cfg.get("ckpt") not in (None, ""):
+    if cfg.get("ckpt") not in (None, ""):
         return None
     epochs = int(ms.get("epochs", 0))
     schedule = int(cfg.model.n_epochs) + int(cfg.model.n_epochs_decay)
+    requested = ms.get("starts", 1)
+    if str(requested) == "auto":
+        reason = _auto_off(cfg, epochs, schedule, has_validation)
+        if reason is not None:
+            log.info("multistart: one start (%s)", reason)
+            return None
+        starts = AUTO_STARTS
+    else:
+        try:
+            starts = int(requested or 1)
+        except (TypeError, ValueError):
+            raise ConfigError(f"multistart.starts must be auto or a whole number, got {requested!r}") from None
+    if starts <= 1:
+        return None
     if not 0 < epochs < schedule:
         raise ConfigError(f"multistart.epochs must be 1 to {schedule - 1} (fewer than the schedule's {schedule} epochs), got {epochs}")
     mode = str(ms.get("mode", "max"))
