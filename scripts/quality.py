@@ -54,11 +54,16 @@ CONFIGS: dict[str, str] = {
     "fp32_2400": "data.patches_per_epoch=24 trainer.precision=32-true model.memory_format=contiguous",
     "bf16_2400": "data.patches_per_epoch=24 trainer.precision=bf16-mixed",
     "bf16_4800": "data.patches_per_epoch=48 trainer.precision=bf16-mixed",
-    # the default (4000 steps, numerics auto) and options on it
+    # the default (four starts of 160 steps, then 3200 steps; numerics auto) and options on it
     "default": "",
     "default_mind": "loss=+mind",
     "spectral": "loss=+spectral",  # spectral norm in D: the original project's best run
-    "multistart": "multistart.starts=3",  # three seeds for 10 epochs each, the best by val/dice continued
+    # rows measured before the four short starts became the default: add the old default's settings to the
+    # others (common="multistart.starts=1 data.patches_per_epoch=40") to repeat them
+    "multistart": "multistart.starts=3 multistart.epochs=10 data.patches_per_epoch=40",  # three starts of 400 steps
+    # the default before the four short starts: one start, 40 patches per epoch (4000 steps)
+    "default_4000": "multistart.starts=1 data.patches_per_epoch=40",
+    "skipneg": "generator.input_skip=-1 multistart.starts=1 data.patches_per_epoch=40",  # inverted start, the old default's schedule
     "ct2000": "data.ct_window=[-1024,2000]",  # CT scaled over -1024..2000 HU, not 3000: more output range between soft tissue and marrow
     "cycle5": "loss.cycle.weight=5",  # lambda_cycle 5 instead of 10: the adversarial term weighs twice as much
     "d_full_res": "discriminator.full_res_layer=true",  # a stride-1 layer in front of the discriminators
