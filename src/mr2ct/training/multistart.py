@@ -48,16 +48,20 @@ class Start:
 AUTO_STARTS = 4
 
 
-def _auto_off(cfg: DictConfig, epochs: int, schedule: int, has_validation: bool) -> str | None:
-    """Why ``starts=auto`` trains a single start here, or None when its starts can run."""
-    if cfg.get("seed") is None:
-        return "no seed"
-    if num_devices(cfg.trainer.get("devices", 1)) > 1 or int(cfg.trainer.get("num_nodes", 1)) > 1:
-        return "several devices: the starts run one after another in one process"
-    if not has_validation:
-        return "no validation volumes to choose by (data.val_a/data.val_b)"
+def _unmet(cfg: DictConfig, epochs: int, schedule: int, has_validation: bool) -> tuple[str, str] | None:
+    """The first thing the starts need that ``cfg`` lacks: (why ``auto`` trains one start, the error a count gets)."""
     if not 0 < epochs < schedule:
-        return f"the schedule's {schedule} epochs leave no room for starts of {epochs}"
+        return (f"the schedule's {schedule} epochs leave no room for starts of {epochs}",
+                f"multistart.epochs must be 1 to {schedule - 1} (fewer than the schedule's {schedule} epochs), got {epochs}")
+    if cfg.get("seed") is None:
+        return "no seed", "multistart.starts > 1 needs a seed (seed=<int>): each start uses seed, seed+1, ..."
+    if num_devices(cfg.trainer.get("devices", 1)) > 1 or int(cfg.trainer.get("num_nodes", 1)) > 1:
+        return ("several devices: the starts run one after another in one process",
+                "multistart.starts > 1 runs its starts one after another in one process: use trainer.devices=1 "
+                "(on several devices, launch the seeds as a multirun and resume the best with ckpt=<its run folder>)")
+    if not has_validation:
+        return ("no validation volumes to choose by (data.val_a/data.val_b)",
+                "multistart.starts > 1 chooses by validation: give validation volumes (data.val_a/data.val_b) or multistart.starts=1")
     return None
 
 
@@ -74,11 +78,14 @@ def settings(cfg: DictConfig, has_validation: bool = True) -> dict[str, Any] | N
         return None
     epochs = int(ms.get("epochs", 0))
     schedule = int(cfg.model.n_epochs) + int(cfg.model.n_epochs_decay)
+    mode = str(ms.get("mode", "max"))
+    if mode not in ("min", "max"):
+        raise ConfigError(f"multistart.mode must be min or max, got {mode!r}")
     requested = ms.get("starts", 1)
+    unmet = _unmet(cfg, epochs, schedule, has_validation)
     if str(requested) == "auto":
-        reason = _auto_off(cfg, epochs, schedule, has_validation)
-        if reason is not None:
-            log.info("multistart: one start (%s)", reason)
+        if unmet is not None:
+            log.info("multistart: one start (%s)", unmet[0])
             return None
         starts = AUTO_STARTS
     else:
@@ -86,20 +93,10 @@ def settings(cfg: DictConfig, has_validation: bool = True) -> dict[str, Any] | N
             starts = int(requested or 1)
         except (TypeError, ValueError):
             raise ConfigError(f"multistart.starts must be auto or a whole number, got {requested!r}") from None
-    if starts <= 1:
-        return None
-    if not 0 < epochs < schedule:
-        raise ConfigError(f"multistart.epochs must be 1 to {schedule - 1} (fewer than the schedule's {schedule} epochs), got {epochs}")
-    mode = str(ms.get("mode", "max"))
-    if mode not in ("min", "max"):
-        raise ConfigError(f"multistart.mode must be min or max, got {mode!r}")
-    if cfg.get("seed") is None:
-        raise ConfigError("multistart.starts > 1 needs a seed (seed=<int>): each start uses seed, seed+1, ...")
-    if num_devices(cfg.trainer.get("devices", 1)) > 1 or int(cfg.trainer.get("num_nodes", 1)) > 1:
-        raise ConfigError("multistart.starts > 1 runs its starts one after another in one process: use trainer.devices=1 "
-                          "(on several devices, launch the seeds as a multirun and resume the best with ckpt=<its run folder>)")
-    if not has_validation:
-        raise ConfigError("multistart.starts > 1 chooses by validation: give validation volumes (data.val_a/data.val_b) or multistart.starts=1")
+        if starts <= 1:
+            return None
+        if unmet is not None:
+            raise ConfigError(unmet[1])
     return {"starts": starts, "epochs": epochs, "monitor": str(ms.get("monitor", "val/dice")), "mode": mode}
 
 
