@@ -18,7 +18,7 @@ import torch
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 
-from conftest import TINY_GENERATOR, compose_train_cfg, run_cli, tiny
+from conftest import TINY_GENERATOR, compose_train_cfg, run_cli, run_tool_here, tiny
 
 GEN = TINY_GENERATOR["unet"]
 SHAPE = (24, 24, 32)
@@ -274,19 +274,9 @@ def test_cli_errors_have_no_traceback(tmp_path):
 )
 def test_bad_config_override_gets_one_line(tool, arg, expected, tmp_path, capsys):
     """Through the real entry (``mr2ct.cli.run_tool``): Hydra's multi-line report becomes one line, exit 2, no run folder."""
-    from mr2ct.cli import run_tool
-
     args = train_args(tmp_path) if tool == "train" else ["ckpt=x.ckpt", f"hydra.run.dir={tmp_path / 'run'}"]
-    GlobalHydra.instance().clear()
-    old = sys.argv
-    sys.argv = [f"{tool}.py", *args, arg]
-    try:
-        with pytest.raises(SystemExit) as exit_:
-            run_tool(tool)
-    finally:
-        sys.argv = old
-        GlobalHydra.instance().clear()
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2, err[-2000:]
+    res = run_tool_here([f"mr2ct.{tool}", *args, arg], capsys)
+    err = res.stderr
+    assert res.returncode == 2, err[-2000:]
     assert err.strip().splitlines() == [f"mr2ct: error: {err.strip().split('mr2ct: error: ')[-1]}"] and expected in err, err[-2000:]
     assert not (tmp_path / "run").exists()
