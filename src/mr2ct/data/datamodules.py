@@ -65,6 +65,9 @@ class CycleGANDataModule(pl.LightningDataModule):
         self.ct_window = [float(w) for w in ct_window]
         self.mri_percentiles = [float(p) for p in mri_percentiles]
         self.augment = dict(augment or {})
+        self.noise_domains = list(self.augment.pop("noise_domains", ["mri", "ct"]))
+        if unknown := sorted(set(self.noise_domains) - {"mri", "ct"}):
+            raise ValueError(f"data.augment.noise_domains takes mri and/or ct, got {unknown}")
         if cache not in ("memory", "disk", "none"):
             raise ValueError(f"data.cache must be 'memory', 'disk' or 'none', got {cache!r}")
         if cache == "disk" and not cache_dir:
@@ -98,12 +101,15 @@ class CycleGANDataModule(pl.LightningDataModule):
 
     def _patches(self, images: Sequence[str], modalities: Sequence[str], norms: Sequence[Callable]) -> Compose:
         masks = [f"{k}_body" for k in images]
+        noisy = [k for k, m in zip(images, modalities) if m in self.noise_domains]
         return Compose(
             [
                 *self.loader(list(images)),
                 *norms,
                 BodyMaskd(list(images), list(modalities), self.ct_window),
-                patch_transforms(images, self.patch_size, self.augment, self.samples_per_volume, masks, self.body_patch_prob),
+                patch_transforms(
+                    images, self.patch_size, self.augment, self.samples_per_volume, masks, self.body_patch_prob, noisy
+                ),
             ]
         )
 

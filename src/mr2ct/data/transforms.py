@@ -176,6 +176,7 @@ def patch_transforms(
     samples_per_volume: int = 1,
     masks: Sequence[str] = (),
     body_prob: float = 0.0,
+    noisy: Sequence[str] | None = None,
 ) -> Compose:
     """Random training patches of normalised volumes ``keys`` and their ``masks`` (one crop for all), with the recipe's augmentation.
 
@@ -183,7 +184,8 @@ def patch_transforms(
     on, a patch 25 % larger is cropped, rotated and centre-cropped, so rotated corners hold real anatomy.
     ``samples_per_volume`` > 1 returns a list of patches from one loaded volume. With ``body_prob`` > 0 a
     patch's centre lies inside the first mask (the body) with probability ``body_prob`` and anywhere
-    otherwise (MONAI's ``RandCropByPosNegLabeld``). Noise is added to the images, not to the masks.
+    otherwise (MONAI's ``RandCropByPosNegLabeld``). Noise is added to the images named in ``noisy`` (default:
+    all of them), never to the masks.
     """
     augment = dict(augment or {})
     images = [keys] if isinstance(keys, str) else list(keys)
@@ -211,10 +213,11 @@ def patch_transforms(
     if rotate:
         xforms += [RandGaussianRotated(both, std_deg=rot_std, prob=rot_prob), CenterSpatialCropd(both, roi_size=patch)]
     noise_prob = float(augment.get("noise_prob", 0.0))
-    if noise_prob > 0:
+    noisy = images if noisy is None else [k for k in images if k in noisy]
+    if noise_prob > 0 and noisy:
         xforms.append(
             RandRecipeNoised(
-                images,
+                noisy,
                 prob=noise_prob,
                 mean_range=augment.get("noise_mean_range", (-0.1, 0.1)),
                 stds=augment.get("noise_stds", (0.01, 0.05, 0.1)),
