@@ -92,6 +92,7 @@ def run_tool_here(args: list[str], capsys: pytest.CaptureFixture) -> subprocess.
     Same exit code and output, without a new interpreter's start-up (about 8 s of imports); each tool keeps
     at least one test through :func:`run_cli`, the real process.
     """
+    import mr2ct.train
     from mr2ct.cli import run_tool
 
     tool = args[0].removeprefix("mr2ct.")
@@ -102,11 +103,14 @@ def run_tool_here(args: list[str], capsys: pytest.CaptureFixture) -> subprocess.
     old_handlers, old_level = root.handlers[:], root.level
     sys.argv = [f"{tool}.py", *args[1:]]
     code = 0
+    # train's run_cli marks the process as its own to end with os._exit; this one is pytest's
+    hard_exit, mr2ct.train._hard_exit = mr2ct.train._hard_exit, sys.exit
     try:
         run_tool(tool)
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
     finally:
+        mr2ct.train._hard_exit, mr2ct.train._OWN_PROCESS = hard_exit, False
         sys.argv = old_argv
         os.chdir(old_cwd)
         for handler in root.handlers[:]:  # Hydra's job logging: its handlers write to this test's captured streams

@@ -269,6 +269,8 @@ def test_cli_errors_have_no_traceback(tmp_path):
         ("train", "data.no_such_option=1", "unknown key 'data.no_such_option'"),
         ("train", "generator=unet3", "Could not find 'generator/unet3' (options: resnet3d_2blk, resnet3d_9blk, unet, unet_updated)"),
         ("train", "data.patch_size=[16,16", "cannot parse 'data.patch_size=[16,16'"),
+        ("train", "data.augment.noise_domains=[mri,pet]", "data.augment.noise_domains takes mri and/or ct, got ['pet']"),
+        ("train", "data.patches_per_epoch=0", "data.patches_per_epoch must be >= 1 or null, got 0"),
         ("evaluate", "out_dir=x", "unknown key 'out_dir'"),
     ],
 )

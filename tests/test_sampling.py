@@ -83,3 +83,19 @@ def test_t1_rendering_inverts_fluid_and_keeps_bone_dark():
     assert mean(t1, "trabecular") > mean(t1, "muscle") and mean(t1, "cortical") < mean(t1, "csf")
     with pytest.raises(ValueError, match="contrast"):
         render_mri(labels, 5, "pd")
+
+
+@pytest.mark.parametrize("domains", [["mri"], ["ct"], ["mri", "ct"]])
+def test_noise_goes_only_to_the_configured_domains(train_cfg, domains):
+    # the crop is the whole volume and nothing rotates, so a patch differs from the clean one only by noise
+    whole = [*SMALL, "data.shape=[16,16,16]", "data.n_train=4", "data.paired_fraction=0.5", "data.patches_per_epoch=null"]
+    items = {}
+    for name, noise in (("clean", ["data.augment.noise_prob=0"]), ("noisy", ["data.augment.noise_prob=1", f"data.augment.noise_domains=[{','.join(domains)}]"])):
+        dm = instantiate(train_cfg([*whole, *noise]).data)
+        dm.setup("fit")
+        torch.manual_seed(0)  # the same unpaired CT drawn for each MRI in both runs
+        items[name] = [dm.datasets["train"][i][0] for i in range(4)]
+    for clean, noisy in zip(items["clean"], items["noisy"]):  # two unpaired draws, then two pairs
+        for key, domain in (("a", "mri"), ("b", "ct")):
+            assert torch.equal(clean[key], noisy[key]) is (domain not in domains), (key, bool(clean["paired"]))
+

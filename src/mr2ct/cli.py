@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from mr2ct.config import set_project_root
-from mr2ct.errors import find_input_error
+from mr2ct.errors import find_user_error
 
 TOOLS = ("train", "translate", "evaluate", "segment", "split", "leakcheck", "augment", "plan", "export")
 
@@ -42,13 +42,14 @@ class UsageError(ValueError):
 def exit_on_user_error(*errors: type[BaseException]) -> Iterator[None]:
     """Entry points: a user error (bad path, bad option, bad file) becomes one line on stderr, exit 2.
 
-    Anything else is a bug and keeps its traceback. An :class:`InputError` that MONAI wrapped on its way
-    out of a transform chain (``RuntimeError("applying transform ...")``) counts as the user error it is.
+    Anything else is a bug and keeps its traceback. An :class:`InputError` or :class:`ConfigError` that MONAI
+    or Hydra wrapped on its way out (``RuntimeError("applying transform ...")``, ``InstantiationException``)
+    counts as the user error it is.
     """
     try:
         yield
     except Exception as err:
-        user_err: BaseException | None = err if isinstance(err, errors) else find_input_error(err)
+        user_err: BaseException | None = err if isinstance(err, errors) else find_user_error(err)
         if user_err is None:
             raise
         logging.getLogger("mr2ct").error(str(user_err))

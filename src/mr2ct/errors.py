@@ -14,15 +14,16 @@ class InputError(ValueError):
     """Unusable input: a data file, a checkpoint or an output path. The message names the file."""
 
 
-def find_input_error(err: BaseException | None) -> InputError | None:
-    """The :class:`InputError` in ``err``'s chain of causes (MONAI and thread pools wrap exceptions)."""
+def find_user_error(err: BaseException | None) -> ConfigError | InputError | None:
+    """The :class:`ConfigError` or :class:`InputError` in ``err``'s chain of causes (Hydra's ``instantiate``,
+    MONAI and thread pools wrap exceptions)."""
     seen = set()
     while err is not None and id(err) not in seen:
-        if isinstance(err, InputError):
+        if isinstance(err, (ConfigError, InputError)):
             return err
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
 
 
-__all__ = ["ConfigError", "InputError", "find_input_error"]
+__all__ = ["ConfigError", "InputError", "find_user_error"]

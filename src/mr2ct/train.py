@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mr2ct.checkpoints import check_state_dict_compatible, safe_torch_load
 from mr2ct.config import CONFIG_DIR, choose_strategy, set_project_root, validate
-from mr2ct.errors import ConfigError, InputError, find_input_error
+from mr2ct.errors import ConfigError, find_user_error
 from mr2ct.numerics import resolve as resolve_numerics
 from mr2ct.training import multistart
 from mr2ct.training.checkpointing import SafeCheckpointIO
@@ -265,9 +265,13 @@ def main(cfg: DictConfig) -> float | None:
     output_dir = Path(cfg.paths.output_dir)
     try:
         metrics = train(cfg)
-    except (ConfigError, InputError, FileNotFoundError, NonFiniteError, RuntimeError) as err:
-        # MONAI wraps a bad file's InputError in RuntimeError("applying transform ..."): dig it out
-        user_err = err if isinstance(err, (ConfigError, InputError, FileNotFoundError, NonFiniteError)) else find_input_error(err)
+    except SIGTERMException:
+        print(f"mr2ct: stopped; resume with: python -m mr2ct.train <same overrides> ckpt={output_dir}", file=sys.stderr)
+        sys.exit(143)
+    except Exception as err:
+        # MONAI wraps a bad file's InputError in RuntimeError("applying transform ..."), Hydra's instantiate a
+        # data module's ConfigError in InstantiationException: dig them out
+        user_err = err if isinstance(err, (FileNotFoundError, NonFiniteError)) else find_user_error(err)
         if user_err is None:
             raise
         log.error(str(user_err))
@@ -276,9 +280,6 @@ def main(cfg: DictConfig) -> float | None:
             _hard_exit(3)
         _remove_fresh_run_dir(output_dir)  # a no-op in a run folder that already holds checkpoints
         _hard_exit(2)
-    except SIGTERMException:
-        print(f"mr2ct: stopped; resume with: python -m mr2ct.train <same overrides> ckpt={output_dir}", file=sys.stderr)
-        sys.exit(143)
     return objective(cfg, metrics)  # for Hydra sweepers that optimise a value
 
 

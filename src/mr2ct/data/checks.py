@@ -5,7 +5,7 @@ truncated, corrupt header, 2-D or 4-D, a broken DICOM series) into an :class:`~m
 :class:`CheckVolumed` (through :func:`check_volume`, which the other tools call too) refuses volumes that
 hold NaN/Inf or are too small for the patch, and warns about a CT that does not look like Hounsfield
 units. MONAI wraps errors raised inside a transform chain in ``RuntimeError("applying transform
-...")``; :func:`find_input_error` digs the :class:`InputError` back out for the entry point.
+...")``; :func:`find_user_error` digs the :class:`InputError` back out for the entry point.
 """
 
 from __future__ import annotations

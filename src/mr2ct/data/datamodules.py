@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from mr2ct.data.checks import CheckVolumed, LoadVolumed
 from mr2ct.data.patches import TrainPatches
 from mr2ct.data.transforms import BodyMaskd, PhantomLoadd, normalize_ct, normalize_mri, patch_transforms
+from mr2ct.errors import ConfigError
 from mr2ct.formats import list_volumes, volume_stem
 
 
@@ -52,9 +53,9 @@ class CycleGANDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if patches_per_epoch is not None and int(patches_per_epoch) < 1:
-            raise ValueError(f"data.patches_per_epoch must be >= 1 or null, got {patches_per_epoch}")
+            raise ConfigError(f"data.patches_per_epoch must be >= 1 or null, got {patches_per_epoch}")
         if not 0.0 <= float(body_patch_prob) <= 1.0:
-            raise ValueError(f"data.body_patch_prob must be in [0, 1], got {body_patch_prob}")
+            raise ConfigError(f"data.body_patch_prob must be in [0, 1], got {body_patch_prob}")
         self.patches_per_epoch = int(patches_per_epoch) if patches_per_epoch else None
         self.body_patch_prob = float(body_patch_prob)
         self.leakcheck = bool(leakcheck)  # read by the train entry (mr2ct.data.leaks.guard) before fitting
@@ -67,11 +68,11 @@ class CycleGANDataModule(pl.LightningDataModule):
         self.augment = dict(augment or {})
         self.noise_domains = list(self.augment.pop("noise_domains", ["mri", "ct"]))
         if unknown := sorted(set(self.noise_domains) - {"mri", "ct"}):
-            raise ValueError(f"data.augment.noise_domains takes mri and/or ct, got {unknown}")
+            raise ConfigError(f"data.augment.noise_domains takes mri and/or ct, got {unknown}")
         if cache not in ("memory", "disk", "none"):
-            raise ValueError(f"data.cache must be 'memory', 'disk' or 'none', got {cache!r}")
+            raise ConfigError(f"data.cache must be 'memory', 'disk' or 'none', got {cache!r}")
         if cache == "disk" and not cache_dir:
-            raise ValueError("data.cache=disk needs data.cache_dir")
+            raise ConfigError("data.cache=disk needs data.cache_dir")
         self.cache, self.cache_dir = cache, cache_dir
         self.datasets: dict[str, torch.utils.data.Dataset] = {}
 
@@ -207,9 +208,9 @@ class PhantomDataModule(CycleGANDataModule):
         from mr2ct.data.phantom import MRI_CONTRASTS
 
         if not 0.0 <= float(paired_fraction) <= 1.0:
-            raise ValueError(f"data.paired_fraction must be in [0, 1], got {paired_fraction}")
+            raise ConfigError(f"data.paired_fraction must be in [0, 1], got {paired_fraction}")
         if mri_contrast not in MRI_CONTRASTS:
-            raise ValueError(f"data.mri_contrast must be one of {sorted(MRI_CONTRASTS)}, got {mri_contrast!r}")
+            raise ConfigError(f"data.mri_contrast must be one of {sorted(MRI_CONTRASTS)}, got {mri_contrast!r}")
         n_pairs = int(round(float(paired_fraction) * int(n_train)))
         self.n = {
             "train_a": int(n_train) - n_pairs,
