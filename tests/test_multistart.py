@@ -83,7 +83,7 @@ def test_bad_multistart_settings_are_refused(train_cfg, overrides, message):
 def test_the_default_runs_several_starts(train_cfg):
     """``starts=auto`` is the default: the default run (phantom, one device, a seed) gets its starts."""
     ms = multistart.settings(train_cfg([]))
-    assert ms is not None and ms["starts"] == multistart.AUTO_STARTS > 1 and ms["monitor"] == "val/dice" and ms["mode"] == "max"
+    assert ms is not None and ms["starts"] == multistart.AUTO_STARTS > 1 and ms["monitor"] == "val/ssim" and ms["mode"] == "max"
 
 
 @pytest.mark.parametrize(

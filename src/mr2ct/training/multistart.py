@@ -97,7 +97,7 @@ def settings(cfg: DictConfig, has_validation: bool = True) -> dict[str, Any] | N
             return None
         if unmet is not None:
             raise ConfigError(unmet[1])
-    return {"starts": starts, "epochs": epochs, "monitor": str(ms.get("monitor", "val/dice")), "mode": mode}
+    return {"starts": starts, "epochs": epochs, "monitor": str(ms.get("monitor", "val/ssim")), "mode": mode}
 
 
 def start_config(cfg: DictConfig, seed: int, folder: Path, epochs: int) -> DictConfig:
