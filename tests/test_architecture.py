@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "mr2ct"
 
 #: bottom to top; a module belongs to the layer of its longest listed prefix
 LAYERS: list[tuple[str, ...]] = [
-    ("errors",),
+    ("errors", "monai_import"),
     ("config",),
     ("formats", "numerics", "deploy"),
     ("nets",),
