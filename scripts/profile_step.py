@@ -11,10 +11,13 @@ PyTorch's own layers to what the generators use:
 1. torch defaults: ``nn.InstanceNorm3d``, ``nn.Conv3d`` / ``nn.ConvTranspose3d``;
 2. instance norm through the group-norm kernel (:class:`mr2ct.nets.norms.InstanceNorm3d`);
 3. narrow output convolutions (:mod:`mr2ct.nets.cpu_conv`);
-4. oneDNN forced for small inputs (:class:`mr2ct.nets.cpu_conv.FastConv3d`) -- what the nets run.
+4. oneDNN forced for small inputs (:class:`mr2ct.nets.cpu_conv.FastConv3d`);
+5. the backward of narrow-input convolutions on the unfolded input (:class:`mr2ct.nets.cpu_conv.NarrowInputConv3d`)
+   -- what the nets run.
 
 Keys: ``steps`` (timed steps per variant, after one warm-up), ``threads`` (0 = torch's default), ``top``
-(profiler rows), ``ablate``, ``ceiling`` (edge of the ceiling conv's cube, default 64); any ``a.b=c`` is a
+(profiler rows), ``ablate``, ``variants`` (``all``, or numbers from the list above, repeats allowed: ``4,5,4,5``),
+``ceiling`` (edge of the ceiling conv's cube, default 64); any ``a.b=c`` is a
 train-config override. The step is
 :func:`mr2ct.model.step.cyclegan_step` (the step training runs, without a Trainer).
 """
@@ -36,11 +39,13 @@ from mr2ct.nets.norms import InstanceNorm3d
 #: variant -> the classes switched back to PyTorch's own (class -> torch class)
 UNDO = {
     "torch defaults": {InstanceNorm3d: nn.InstanceNorm3d, cpu_conv.NarrowConv3d: nn.Conv3d,
-                       cpu_conv.NarrowConvTranspose3d: nn.ConvTranspose3d, cpu_conv.FastConv3d: nn.Conv3d},
+                       cpu_conv.NarrowConvTranspose3d: nn.ConvTranspose3d, cpu_conv.FastConv3d: nn.Conv3d,
+                       cpu_conv.NarrowInputConv3d: nn.Conv3d},
     "+ group-norm instance norm": {cpu_conv.NarrowConv3d: nn.Conv3d, cpu_conv.NarrowConvTranspose3d: nn.ConvTranspose3d,
-                                   cpu_conv.FastConv3d: nn.Conv3d},
-    "+ narrow output convs": {cpu_conv.FastConv3d: nn.Conv3d},
-    "+ oneDNN for small inputs (as shipped)": {},
+                                   cpu_conv.FastConv3d: nn.Conv3d, cpu_conv.NarrowInputConv3d: nn.Conv3d},
+    "+ narrow output convs": {cpu_conv.FastConv3d: nn.Conv3d, cpu_conv.NarrowInputConv3d: nn.Conv3d},
+    "+ oneDNN for small inputs": {cpu_conv.NarrowInputConv3d: cpu_conv.FastConv3d},
+    "+ narrow-input backward (as shipped)": {},
 }
 
 
@@ -56,7 +61,7 @@ def _swap(model: nn.Module, classes: dict[type, type]) -> dict[nn.Module, type]:
 
 
 def main(argv: list[str]) -> None:
-    args = {"steps": "3", "threads": "0", "top": "12", "ablate": "true", "ceiling": "64"}
+    args = {"steps": "3", "threads": "0", "top": "12", "ablate": "true", "ceiling": "64", "variants": "all"}
     overrides = []
     for a in argv:
         key, _, val = a.partition("=")
@@ -89,8 +94,9 @@ def main(argv: list[str]) -> None:
     edge = int(args["ceiling"])
     ceiling = max(P.conv_ceiling(True, False, size=edge)["gflop_per_s"], P.conv_ceiling(True, True, size=edge)["gflop_per_s"])
     rows = []
-    for name, classes in UNDO.items():
-        original = _swap(model, classes)
+    names = list(UNDO) if args["variants"] == "all" else [list(UNDO)[int(i) - 1] for i in args["variants"].split(",")]
+    for name in names:
+        original = _swap(model, UNDO[name])
         step()  # warm-up: oneDNN picks kernels per shape
         times = []
         for _ in range(int(args["steps"])):

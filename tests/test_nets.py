@@ -286,8 +286,12 @@ NARROW_CASES = {
     "transposed stride 1": lambda: nn.ConvTranspose3d(6, 1, 3, padding=1),
     "transposed anisotropic": lambda: nn.ConvTranspose3d(6, 2, (3, 5, 3), padding=(0, 2, 1)),
     "stride 2 (falls back)": lambda: nn.Conv3d(6, 1, 3, stride=2, padding=1),
-    "oneDNN forced, small input": lambda: nn.Conv3d(6, 32, 3, padding=1),
+    "oneDNN forced, small input": lambda: nn.Conv3d(8, 32, 3, padding=1),
     "oneDNN forced, replicate, stride 2": lambda: nn.Conv3d(6, 16, 3, stride=2, padding=1, padding_mode="replicate"),
+    "narrow input 7³ replicate (ResNet stem)": lambda: nn.Conv3d(1, 16, 7, padding=3, padding_mode="replicate", bias=False),
+    "narrow input 3³ zeros + bias": lambda: nn.Conv3d(2, 8, 3, padding=1),
+    "narrow input 6 channels": lambda: nn.Conv3d(6, 32, 3, padding=1),
+    "narrow input anisotropic reflect": lambda: nn.Conv3d(1, 8, (3, 5, 3), padding=(1, 2, 1), padding_mode="reflect"),
 }
 
 
@@ -297,11 +301,12 @@ def test_fast_conv_equals_torch_layer(case, channels_last):
     """The CPU-routed layers compute the same outputs and gradients as the torch layers they replace."""
     import copy
 
-    from mr2ct.nets.cpu_conv import FastConv3d, NarrowConv3d, NarrowConvTranspose3d, use_fast_convs
+    from mr2ct.nets.cpu_conv import FastConv3d, NarrowConv3d, NarrowConvTranspose3d, NarrowInputConv3d, use_fast_convs
 
     ref = NARROW_CASES[case]()
     fast = use_fast_convs(copy.deepcopy(ref), narrow_max_out=3)
     assert isinstance(fast, (NarrowConv3d, NarrowConvTranspose3d) if ref.out_channels <= 3 else FastConv3d)
+    assert isinstance(fast, NarrowInputConv3d) == case.startswith("narrow input")
     assert fast.state_dict().keys() == ref.state_dict().keys()
     x = torch.randn(2, ref.in_channels, 10, 12, 14)
     if channels_last:
@@ -324,6 +329,20 @@ def test_generators_use_narrow_output_convs():
         convs = [m for m in g.modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))]
         assert isinstance(convs[-1], (NarrowConv3d, NarrowConvTranspose3d)) and convs[-1].out_channels == 1
         assert all(m.out_channels == 1 for m in convs if isinstance(m, (NarrowConv3d, NarrowConvTranspose3d)))
+
+
+def test_narrow_input_conv_gradients_come_from_the_unfolded_input():
+    """A 1-channel 7³ conv: its gradients are those of a (1, 1, 7) convolution over 49 unfolded channels."""
+    from torch.profiler import profile
+
+    from mr2ct.nets.cpu_conv import use_fast_convs
+
+    net = use_fast_convs(nn.Sequential(nn.Conv3d(1, 16, 7, padding=3, bias=False)))
+    x = torch.randn(1, 1, 8, 10, 12, requires_grad=True)
+    with profile(record_shapes=True) as prof:
+        net(x).sum().backward()
+    backward = [e.input_shapes[1:3] for e in prof.events() if e.name == "aten::convolution_backward"]
+    assert backward == [[[1, 49, 8, 10, 18], [16, 49, 1, 1, 7]]]  # (unfolded input, weight): D, H as the output, W padded
 
 
 def test_fast_conv_avoids_slow_conv3d():

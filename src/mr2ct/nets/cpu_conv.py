@@ -14,6 +14,12 @@ Two shapes of our generators run far below the CPU's convolution ceiling with Py
   ``slow_conv3d`` instead of oneDNN. :class:`FastConv3d` calls oneDNN's kernel directly (``aten.mkldnn_convolution``; same autograd
   formula, gradients identical).
 
+* **narrow inputs.** The gradients of a convolution with one input channel run several times below the
+  ceiling in oneDNN (the ResNet's 7³ stem: a tenth of the peer configuration's step). :class:`NarrowInputConv3d`
+  keeps oneDNN's forward and computes both gradients as those of a (1, 1, k_w) convolution over the input
+  unfolded along D and H into ``C_in * k_d * k_h`` channels (rebuilt in the backward, not kept), the input's
+  by folding the unfolded gradient back with shifted sums.
+
 Every layer takes its fast path only on CPU in float32 with oneDNN available, and defers to the parent
 class otherwise (CUDA, other dtypes, strided narrow layers, ...). Parameters and state-dict keys are
 those of the torch layers.
@@ -25,10 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["narrow_conv3d", "FastConv3d", "NarrowConv3d", "NarrowConvTranspose3d", "use_fast_convs"]
+__all__ = ["narrow_conv3d", "FastConv3d", "NarrowInputConv3d", "NarrowConv3d", "NarrowConvTranspose3d", "use_fast_convs"]
 
 #: oneDNN's output-channel block on AVX-512: narrower layers cost as much as this many channels
 _BLOCK = 16
+#: most channels the (D, H)-unfolded input of a :class:`NarrowInputConv3d` may have (a 1-channel 7³ conv: 49)
+_UNFOLD_MAX = 64
 
 
 def _cpu_fp32(x: Tensor) -> bool:
@@ -120,6 +128,67 @@ class FastConv3d(nn.Conv3d):
         return torch.ops.aten.mkldnn_convolution(x, weight, bias, padding, list(self.stride), list(self.dilation), self.groups)
 
 
+def _unfold_dh(x: Tensor, kd: int, kh: int) -> Tensor:
+    """(B, C, D', H', W) -> (B, C * k_d * k_h, D' - k_d + 1, H' - k_h + 1, W); channel (c * k_d + a) * k_h + b is x[:, c, a:, b:]."""
+    d, h = x.shape[2] - kd + 1, x.shape[3] - kh + 1
+    return torch.stack([x[:, :, a : a + d, b : b + h] for a in range(kd) for b in range(kh)], 2).flatten(1, 2)
+
+
+class _NarrowInputConv(torch.autograd.Function):
+    """Unpadded stride-1 conv: oneDNN's forward; both gradients through the (D, H)-unfolded input."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # noqa: ANN001
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return torch.ops.aten.mkldnn_convolution(x, weight, bias, [0, 0, 0], [1, 1, 1], [1, 1, 1], 1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # noqa: ANN001
+        x, weight = ctx.saved_tensors
+        o, c, kd, kh, kw = weight.shape
+        need_x, need_w, need_b = ctx.needs_input_grad
+        grad = grad.contiguous()
+        # the conv as a (1, 1, k_w) one over the input unfolded along D and H into C * k_d * k_h channels:
+        # oneDNN runs its gradients near its ceiling, where those of the C-channel 3D conv run several times slower
+        w_u = weight.reshape(o, c * kd * kh, 1, 1, kw)
+        gx = gw = None
+        if need_x or need_w:
+            ones, zeros = [1, 1, 1], [0, 0, 0]
+            g_u, gw, _ = torch.ops.aten.convolution_backward(
+                grad, _unfold_dh(x.contiguous(), kd, kh), w_u, None, ones, zeros, ones, False, zeros, 1, [need_x, need_w, False])
+            gw = gw.view(o, c, kd, kh, kw) if need_w else None
+        if need_x:  # fold the unfolded input's gradient (B, C * k_d * k_h, D, H, W') back: shifted sums
+            g_u = g_u.view(g_u.shape[0], c, kd, kh, *g_u.shape[2:])
+            gx = torch.zeros_like(x, memory_format=torch.contiguous_format)
+            d, h = g_u.shape[-3], g_u.shape[-2]
+            for a in range(kd):
+                for b in range(kh):
+                    gx[:, :, a : a + d, b : b + h] += g_u[:, :, a, b]
+        gb = grad.sum((0, 2, 3, 4)) if need_b and ctx.has_bias else None
+        return gx, gw, gb
+
+
+class NarrowInputConv3d(FastConv3d):
+    """:class:`FastConv3d` whose gradients come from the unfolded input when ``in_channels * k_d * k_h <= 64``
+    (stride and dilation 1, one group, ``k_h * k_w > 1``); otherwise that of :class:`FastConv3d`."""
+
+    def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if not (_narrow_input_applies(self) and _cpu_fp32(x) and torch.is_grad_enabled()):
+            return super()._conv_forward(x, weight, bias)
+        x = F.pad(x, self._reversed_padding_repeated_twice, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
+        return _NarrowInputConv.apply(x, weight, bias)
+
+
+def _narrow_input_applies(layer: nn.Conv3d) -> bool:
+    kd, kh = layer.kernel_size[0], layer.kernel_size[1]
+    return (
+        layer.in_channels * kd * kh <= _UNFOLD_MAX and kd * kh > 1 and layer.groups == 1 and not isinstance(layer.padding, str)
+        and all(s == 1 for s in layer.stride) and all(d == 1 for d in layer.dilation)
+    )
+
+
 class NarrowConv3d(nn.Conv3d):
     """``nn.Conv3d`` that runs :func:`narrow_conv3d` on CPU when ``out_channels < 16`` (stride/dilation 1, one group)."""
 
@@ -150,12 +219,12 @@ def use_fast_convs(net: nn.Module, narrow_max_out: int = 1) -> nn.Module:
     """Swap the plain 3D convolution layers of ``net`` for the subclasses above, in place. Returns ``net``.
 
     ``nn.Conv3d``/``nn.ConvTranspose3d`` with at most ``narrow_max_out`` outputs become :class:`NarrowConv3d` /
-    :class:`NarrowConvTranspose3d`; every other ``nn.Conv3d`` becomes :class:`FastConv3d`. Parameters and
-    state-dict keys are unchanged.
+    :class:`NarrowConvTranspose3d`; narrow-input ones :class:`NarrowInputConv3d`; every other ``nn.Conv3d``
+    :class:`FastConv3d`. Parameters and state-dict keys are unchanged.
     """
     for m in net.modules():
         if type(m) is nn.Conv3d:
-            m.__class__ = NarrowConv3d if m.out_channels <= narrow_max_out else FastConv3d
+            m.__class__ = NarrowConv3d if m.out_channels <= narrow_max_out else NarrowInputConv3d if _narrow_input_applies(m) else FastConv3d
         elif type(m) is nn.ConvTranspose3d and m.out_channels <= narrow_max_out:
             m.__class__ = NarrowConvTranspose3d
     return net
