@@ -56,4 +56,9 @@ def test_profile_step_prints_profile_and_ablation():
     assert res.returncode == 0, res.stderr[-3000:]
     assert "aten::" in res.stdout and "TFLOP per step" in res.stdout
     rows = [ln for ln in res.stdout.splitlines() if ln.startswith(("torch defaults", "+ "))]
-    assert len(rows) == 4 and all(float(ln.split()[-4]) > 0 for ln in rows)
+    assert len(rows) == 5 and all(float(ln.split()[-4]) > 0 for ln in rows)
+    assert rows[-1].startswith("+ narrow-input backward (as shipped)")
+    chosen = _script("profile_step.py", ["data.patch_size=[16,16,16]", "steps=1", "threads=1", "top=1", "ceiling=16", "variants=5,4,5", *TINY])
+    assert chosen.returncode == 0, chosen.stderr[-3000:]
+    names = [ln.split("  ")[0] for ln in chosen.stdout.splitlines() if ln.startswith(("torch defaults", "+ "))]
+    assert names == ["+ narrow-input backward (as shipped)", "+ oneDNN for small inputs", "+ narrow-input backward (as shipped)"]
