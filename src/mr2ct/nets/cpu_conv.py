@@ -1,6 +1,6 @@
 """3D convolutions routed to the fast CPU kernels: drop-in subclasses of the torch layers.
 
-Two shapes of our generators run far below the CPU's convolution ceiling with PyTorch's defaults
+Three shapes of our generators run far below the CPU's convolution ceiling with PyTorch's defaults
 (the measurements are in the README, "Memory and speed"):
 
 * **narrow outputs.** oneDNN blocks output channels by 16, so a Conv3d with one output channel costs as
@@ -150,8 +150,8 @@ class _NarrowInputConv(torch.autograd.Function):
         o, c, kd, kh, kw = weight.shape
         need_x, need_w, need_b = ctx.needs_input_grad
         grad = grad.contiguous()
-        # the conv as a (1, 1, k_w) one over the input unfolded along D and H into C * k_d * k_h channels:
-        # oneDNN runs its gradients near its ceiling, where those of the C-channel 3D conv run several times slower
+        # the conv as a (1, 1, k_w) one over the input unfolded along D and H into C * k_d * k_h channels: oneDNN
+        # runs its gradients several times faster than those of the C-channel 3D conv (README, "Narrow-input gradients")
         w_u = weight.reshape(o, c * kd * kh, 1, 1, kw)
         gx = gw = None
         if need_x or need_w:
@@ -172,7 +172,7 @@ class _NarrowInputConv(torch.autograd.Function):
 
 class NarrowInputConv3d(FastConv3d):
     """:class:`FastConv3d` whose gradients come from the unfolded input when ``in_channels * k_d * k_h <= 64``
-    (stride and dilation 1, one group, ``k_h * k_w > 1``); otherwise that of :class:`FastConv3d`."""
+    (stride and dilation 1, one group, ``k_d * k_h > 1``); otherwise that of :class:`FastConv3d`."""
 
     def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         if not (_narrow_input_applies(self) and _cpu_fp32(x) and torch.is_grad_enabled()):
