@@ -29,11 +29,16 @@ def _monai_initialising() -> bool:
     return monai is not None and not hasattr(monai, "__all__")  # monai/__init__ sets __all__ after its scan
 
 
+def _module_of(frame) -> str:  # noqa: ANN001 (a frame)
+    return frame.f_globals.get("__name__", "")
+
+
 def _requested_by_monai() -> bool:
-    frame = sys._getframe(2)
-    while frame is not None and frame.f_globals.get("__name__", "").startswith(("importlib", "_frozen_importlib")):
+    """Whether the import being resolved was asked for by a MONAI module (the first frame outside importlib and this one)."""
+    frame = sys._getframe(1)
+    while frame is not None and (_module_of(frame) == __name__ or _module_of(frame).split(".")[0] in ("importlib", "_frozen_importlib")):
         frame = frame.f_back
-    return frame is not None and frame.f_globals.get("__name__", "").startswith("monai")
+    return frame is not None and _module_of(frame).split(".")[0] == "monai"
 
 
 class SkipForMonai:
