@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -320,6 +322,34 @@ def test_fast_conv_equals_torch_layer(case, channels_last):
     torch.testing.assert_close(x_fast.grad, x_ref.grad, rtol=1e-4, atol=1e-4)
     for p_fast, p_ref in zip(fast.parameters(), ref.parameters()):
         torch.testing.assert_close(p_fast.grad, p_ref.grad, rtol=1e-4, atol=1e-3)
+
+
+def test_narrow_head_pads_channels_last_without_autograd(monkeypatch):
+    """Translation (no autograd): the replicate-padded copy is made channels-last, so oneDNN reads it without a
+    blocked copy of its own; under autograd it stays contiguous (faster backward). Same outputs either way."""
+    import torch.nn.functional as F
+
+    from mr2ct.nets.cpu_conv import use_fast_convs
+
+    ref = nn.Conv3d(6, 1, 7, padding=3, padding_mode="replicate")
+    head = use_fast_convs(nn.Sequential(copy.deepcopy(ref)))
+    x = torch.randn(1, 6, 10, 12, 14)
+    expected = ref(x)
+    seen = []
+    conv3d = F.conv3d
+
+    def spy(x, *args, **kwargs):
+        seen.append(x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous())
+        return conv3d(x, *args, **kwargs)
+
+    monkeypatch.setattr(F, "conv3d", spy)
+    with torch.inference_mode():
+        y = head(x)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        head(x)
+    head(x.requires_grad_())
+    assert seen == [True, True, False]
 
 
 def test_generators_use_narrow_output_convs():

@@ -3,8 +3,9 @@
 ``import monai`` (and so any ``from monai.x import y``) imports every MONAI submodule, and each of them
 imports at module level whatever optional package it could use if installed. With the ``test`` / ``mlflow`` /
 ``search`` extras present, that pulls Optuna (auto3dseg's HPO), MLflow (its MLFlowHandler), pandas (CSV
-datasets) and matplotlib (visualize): in every process that reads a volume, ~0.1 GB of resident memory and
-~2.5 s of start-up, none of it used (README, "Memory and speed").
+datasets) and matplotlib (visualize); with the base install, SciPy's signal and statistics modules (ultrasound
+confidence maps) and TensorBoard (Ignite handlers): in every process that reads a volume, ~0.13 GB of resident
+memory and ~3 s of start-up, none of it used (README, "Memory and speed").
 
 :func:`install` puts a finder in front of ``sys.meta_path`` that refuses :data:`SKIPPED` to MONAI's own
 modules while ``monai/__init__`` is still running, the same answer MONAI gets on a base install
@@ -20,8 +21,10 @@ from collections.abc import Sequence
 from importlib.machinery import ModuleSpec
 from types import ModuleType
 
-#: top-level packages MONAI's import-time scan does not get (mr2ct uses none of the MONAI features needing them)
-SKIPPED = frozenset({"optuna", "mlflow", "pandas", "matplotlib"})
+#: modules MONAI's import-time scan does not get (mr2ct uses none of the MONAI features needing them): full
+#: dotted names as MONAI asks for them. scipy.signal (with scipy.stats behind it) serves only the ultrasound
+#: confidence map and the 1-D signal transforms; TensorBoard only MONAI's Ignite handlers and image summaries.
+SKIPPED = frozenset({"optuna", "mlflow", "pandas", "matplotlib", "scipy.signal", "tensorboard", "torch.utils.tensorboard"})
 
 
 def _monai_initialising() -> bool:

@@ -190,13 +190,21 @@ def _narrow_input_applies(layer: nn.Conv3d) -> bool:
 
 
 class NarrowConv3d(nn.Conv3d):
-    """``nn.Conv3d`` that runs :func:`narrow_conv3d` on CPU when ``out_channels < 16`` (stride/dilation 1, one group)."""
+    """``nn.Conv3d`` that runs :func:`narrow_conv3d` on CPU when ``out_channels < 16`` (stride/dilation 1, one group).
+
+    Without autograd, a non-zero padding (the ResNet head's replicate) is made channels-last.
+    """
 
     def forward(self, x: Tensor) -> Tensor:
         if not _narrow_applies(self, x):
             return super().forward(x)
         if self.padding_mode == "zeros":
             return narrow_conv3d(x, self.weight, self.bias, tuple(self.padding))
+        if not torch.is_grad_enabled():
+            # oneDNN copies a contiguous input into its blocked layout first, one more copy of the padded
+            # map at the window's peak; a channels-last input it reads as it is. The padded copy is made
+            # anyway, so it is made channels-last. Not under autograd: the backward is slower so.
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
         return narrow_conv3d(x, self.weight, self.bias)
 
