@@ -1,0 +1,98 @@
+"""Whether the learning-rate schedule ends inside ``trainer.max_time``, told early.
+
+A schedule that ``max_time`` cuts short stops with the learning rate still high, and on the phantom such
+runs scored well below runs of the same configuration whose schedule ended (README "Translation quality").
+A preset's schedule is sized for one machine; on a slower one (a CPU without native bf16 runs the default
+step ~2.5x slower) the same preset is cut. :class:`ScheduleBudget` times the first epochs of a run and, when
+the rest of the schedule will not fit the time left, warns once with where the run will stop and the
+``data.patches_per_epoch`` that would make the schedule end in time. It changes nothing in the run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Timer
+from pytorch_lightning.utilities import rank_zero_warn
+
+from mr2ct.model.cyclegan import linear_decay
+
+
+def _schedule(pl_module: pl.LightningModule) -> tuple[int, int] | None:
+    hp = getattr(pl_module, "hparams", {})
+    if "n_epochs" not in hp or "n_epochs_decay" not in hp:
+        return None
+    return int(hp["n_epochs"]), int(hp["n_epochs_decay"])
+
+
+def forecast(
+    n_epochs: int, n_epochs_decay: int, epochs_done: int, seconds_per_epoch: float, seconds_left: float
+) -> dict[str, float] | None:
+    """Where a run stops when ``seconds_left`` is too short for the rest of its schedule; ``None`` when it fits.
+
+    Returns the epoch it stops at (``stop_epoch``, 0-based count of epochs done by then), the schedule's
+    total epochs, the LR factor there (``lr_factor``, 1 = the base rate) and the time the rest needs.
+    """
+    total = n_epochs + n_epochs_decay
+    need = (total - epochs_done) * seconds_per_epoch
+    if need <= seconds_left:
+        return None
+    stop = epochs_done + max(0, int(seconds_left // seconds_per_epoch))
+    return {"stop_epoch": float(stop), "total_epochs": float(total), "lr_factor": linear_decay(n_epochs, n_epochs_decay)(stop),
+            "need_s": need, "left_s": seconds_left}
+
+
+class ScheduleBudget(pl.Callback):
+    """Warn once when ``trainer.max_time`` will stop the run before its LR schedule ends.
+
+    Timed over ``epochs`` epochs after the first one of this fit (which pays start-up and kernel selection);
+    by default one validation period (``trainer.check_val_every_n_epoch``), so the time includes one
+    validation. Silent without ``max_time``, and for fits meant to stop early (``trainer.max_epochs`` or
+    ``max_steps`` below the schedule: a multistart start, a smoke test).
+
+    Args:
+        epochs: epochs to time before forecasting; ``None``: one validation period.
+    """
+
+    def __init__(self, epochs: int | None = None) -> None:
+        self.epochs = None if epochs is None else max(1, int(epochs))
+        self.forecast: dict[str, float] | None = None
+        self._marks: list[float] = []
+        self._done = False
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._done:
+            return
+        self._marks.append(time.monotonic())
+        span = self.epochs or max(1, int(trainer.check_val_every_n_epoch or 1))
+        if len(self._marks) < span + 1:
+            return
+        self._done = True
+        schedule = _schedule(pl_module)
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        left = timer.time_remaining() if timer is not None else None
+        if schedule is None or left is None:
+            return
+        total = sum(schedule)
+        if trainer.max_epochs not in (None, -1) and trainer.max_epochs < total or trainer.max_steps not in (None, -1):
+            return
+        per_epoch = (self._marks[-1] - self._marks[0]) / span
+        done = trainer.current_epoch + 1
+        self.forecast = forecast(*schedule, done, per_epoch, left)
+        if self.forecast is None:
+            return
+        f = self.forecast
+        msg = (f"trainer.max_time will stop this run at about epoch {int(f['stop_epoch'])} of {total}, with the learning "
+               f"rate still at {f['lr_factor']:.2f} of its base: at {per_epoch:.0f} s an epoch the rest of the schedule "
+               f"needs {f['need_s'] / 60:.0f} min, {f['left_s'] / 60:.0f} are left. Runs cut short scored lower than "
+               f"runs whose schedule ended (README, Translation quality)")
+        ppe = getattr(trainer.datamodule, "patches_per_epoch", None) if trainer.datamodule is not None else None
+        if ppe:  # the whole schedule in the whole budget, at this epoch time scaled by the patches
+            budget = (timer.time_elapsed() or 0.0) + left
+            fit = max(1, math.floor(ppe * budget / (total * per_epoch)))
+            msg += f"; a schedule that ends in time: data.patches_per_epoch={fit} (now {ppe}), or a longer trainer.max_time"
+        else:
+            msg += "; shorten model.n_epochs / model.n_epochs_decay, or give a longer trainer.max_time"
+        rank_zero_warn(msg)

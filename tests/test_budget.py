@@ -1,0 +1,55 @@
+"""The early warning when trainer.max_time will cut the LR schedule short (mr2ct.training.budget)."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import tiny
+from mr2ct.training.budget import ScheduleBudget, forecast
+from mr2ct.train import train
+
+
+def test_forecast_where_the_run_stops():
+    assert forecast(60, 40, epochs_done=10, seconds_per_epoch=10.0, seconds_left=900.0) is None  # 90 epochs in 900 s
+    f = forecast(60, 40, epochs_done=10, seconds_per_epoch=10.0, seconds_left=600.0)
+    assert f["stop_epoch"] == 70 and f["total_epochs"] == 100 and f["need_s"] == 900.0
+    assert f["lr_factor"] == pytest.approx(30 / 41)  # 10 decay epochs of 40 done
+
+
+@pytest.mark.parametrize("max_time", ["00:00:05:00", "01:00:00:00"])
+def test_a_run_the_budget_will_cut_is_told_where_it_stops(train_cfg, monkeypatch, max_time):
+    """Epochs timed at 100 s (a fake clock) against a 5-minute budget: after 2 epochs the 4 left need 400 s, so
+    the run is told it stops after epoch 4 of 6 and which patches per epoch would end in time; a day is enough."""
+    clock = itertools.count(0.0, 100.0)
+    monkeypatch.setattr("mr2ct.training.budget.time", SimpleNamespace(monotonic=lambda: next(clock)))
+    cfg = train_cfg([*tiny(), "model.n_epochs=4", "model.n_epochs_decay=2", "data.patches_per_epoch=2", "multistart.starts=1",
+                     f"trainer.max_time={max_time}"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(cfg)
+    told = [str(w.message) for w in caught if "trainer.max_time will stop" in str(w.message)]
+    if max_time.startswith("00"):
+        assert len(told) == 1, told
+        assert "about epoch 4 of 6" in told[0] and "learning rate still at 0.67" in told[0]
+        assert "data.patches_per_epoch=0" not in told[0] and "data.patches_per_epoch=1 (now 2)" in told[0]  # 6 x 100 s at 2 patches
+    else:
+        assert told == []
+
+
+@pytest.mark.parametrize("max_epochs, timer, forecast_made", [(-1, True, True), (5, True, False), (-1, False, False)])
+def test_only_whole_schedules_under_a_budget_are_forecast(monkeypatch, max_epochs, timer, forecast_made):
+    """A multistart start (max_epochs below the schedule) and a run without max_time get no forecast."""
+    from pytorch_lightning.callbacks import Timer
+
+    clock = itertools.count(0.0, 100.0)
+    monkeypatch.setattr("mr2ct.training.budget.time", SimpleNamespace(monotonic=lambda: next(clock)))
+    trainer = SimpleNamespace(check_val_every_n_epoch=1, callbacks=[Timer(duration="00:00:05:00")] if timer else [], current_epoch=1,
+                              max_epochs=max_epochs, max_steps=-1, datamodule=None)
+    cb = ScheduleBudget()
+    for _ in range(2):
+        cb.on_train_epoch_end(trainer, SimpleNamespace(hparams={"n_epochs": 4, "n_epochs_decay": 2}))
+    assert (cb.forecast is not None) == forecast_made
