@@ -2,8 +2,8 @@
 
 A schedule that ``max_time`` cuts short stops with the learning rate still high, and on the phantom such
 runs scored well below runs of the same configuration whose schedule ended (README "Translation quality").
-A preset's schedule is sized for one machine; on a slower one (a CPU without native bf16 runs the default
-step ~2.5x slower) the same preset is cut. :class:`ScheduleBudget` times the first epochs of a run and, when
+A preset's schedule is sized for one machine; on a slower one (a CPU without native bf16, say) the same
+preset is cut. :class:`ScheduleBudget` times the first epochs of a run and, when
 the rest of the schedule will not fit the time left, warns once with where the run will stop and the
 ``data.patches_per_epoch`` that would make the schedule end in time. It changes nothing in the run.
 """
