@@ -76,7 +76,7 @@ class ScheduleBudget(pl.Callback):
         if schedule is None or left is None:
             return
         total = sum(schedule)
-        if trainer.max_epochs not in (None, -1) and trainer.max_epochs < total or trainer.max_steps not in (None, -1):
+        if (trainer.max_epochs not in (None, -1) and trainer.max_epochs < total) or trainer.max_steps not in (None, -1):
             return
         per_epoch = (self._marks[-1] - self._marks[0]) / span
         done = trainer.current_epoch + 1
