@@ -352,6 +352,54 @@ def test_narrow_head_pads_channels_last_without_autograd(monkeypatch):
     assert seen == [True, True, False]
 
 
+@pytest.mark.parametrize("mode", ["replicate", "reflect"])
+def test_narrow_head_runs_in_slabs_along_w(monkeypatch, mode):
+    """The ResNet head (padded 7³, one output) in slabs of 16 output columns: without autograd always, under
+    autograd when ``w_slab`` is set (the generator sets it with checkpointing). Same outputs and gradients as
+    ``nn.Conv3d``; each oneDNN call gets one slab; the backward's tensors stay well below the whole map's."""
+    import torch.nn.functional as F
+
+    from mr2ct.nets.cpu_conv import use_fast_convs
+    from mr2ct.profiling import LiveTensorBytes
+
+    ref = nn.Conv3d(6, 1, 7, padding=3, padding_mode=mode)
+    head = use_fast_convs(nn.Sequential(copy.deepcopy(ref)))[0]
+    x = torch.randn(1, 6, 10, 12, 40)
+    x_ref = x.clone().requires_grad_()
+    expected = ref(x_ref)
+    expected.square().sum().backward()
+    widths = []
+    conv3d = F.conv3d
+    monkeypatch.setattr(F, "conv3d", lambda t, *a, **k: widths.append(t.shape[-1]) or conv3d(t, *a, **k))
+    with torch.inference_mode():
+        torch.testing.assert_close(head(x), expected.detach(), rtol=1e-4, atol=1e-4)
+    assert widths == [22, 22, 14]  # 16 + 6 halo columns, 16 + 6, 8 + 6
+
+    def step(w_slab):
+        head.w_slab, x_ = w_slab, x.clone().requires_grad_()
+        head.zero_grad(set_to_none=True)
+        widths.clear()
+        with LiveTensorBytes([*head.parameters(), x_]) as tracker:
+            head(x_).square().sum().backward()
+        return x_.grad, head.weight.grad, head.bias.grad, list(widths), tracker.peak
+
+    *grads, slab_widths, slab_peak = step(16)
+    *_, whole_widths, whole_peak = step(None)
+    for got, want in zip(grads, (x_ref.grad, ref.weight.grad, ref.bias.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+    assert slab_widths == [22, 22, 14] and whole_widths == [46]
+    padded_map = 6 * 16 * 18 * 46 * 4
+    assert slab_peak < whole_peak - padded_map, (slab_peak, whole_peak)
+
+
+def test_resnet_checkpointing_runs_its_head_in_slabs():
+    g = ResnetGenerator3D(ngf=4, n_blocks=1)
+    assert g.model[-1][0].w_slab is None
+    g.checkpointing = True
+    assert g.model[-1][0].w_slab == 16
+    assert ResnetGenerator3D(ngf=4, n_blocks=1, checkpointing=True).model[-1][0].w_slab == 16
+
+
 def test_generators_use_narrow_output_convs():
     from mr2ct.nets.cpu_conv import NarrowConv3d, NarrowConvTranspose3d
 

@@ -192,21 +192,94 @@ def _narrow_input_applies(layer: nn.Conv3d) -> bool:
 class NarrowConv3d(nn.Conv3d):
     """``nn.Conv3d`` that runs :func:`narrow_conv3d` on CPU when ``out_channels < 16`` (stride/dilation 1, one group).
 
-    Without autograd, a non-zero padding (the ResNet head's replicate) is made channels-last.
+    With a replicate or reflect padding (the ResNet head's) it runs slab by slab along W (:class:`_PaddedNarrowConv`)
+    without autograd, and under autograd when :attr:`w_slab` is set: less memory, a slower backward.
     """
+
+    #: output columns per slab under autograd; None: the whole padded map at once (faster backward)
+    w_slab: int | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         if not _narrow_applies(self, x):
             return super().forward(x)
         if self.padding_mode == "zeros":
             return narrow_conv3d(x, self.weight, self.bias, tuple(self.padding))
-        if not torch.is_grad_enabled():
-            # oneDNN copies a contiguous input into its blocked layout first, one more copy of the padded
-            # map at the window's peak; a channels-last input it reads as it is. The padded copy is made
-            # anyway, so it is made channels-last. Not under autograd: the backward is slower so.
-            x = x.contiguous(memory_format=torch.channels_last_3d)
+        if self.padding_mode in ("replicate", "reflect") and (self.w_slab or not torch.is_grad_enabled()):
+            slab = self.w_slab or W_SLAB
+            return _PaddedNarrowConv.apply(x, self.weight, self.bias, tuple(self.padding), self.padding_mode, slab)
         x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
         return narrow_conv3d(x, self.weight, self.bias)
+
+
+#: output columns (last axis) per slab of :class:`_PaddedNarrowConv` without autograd
+W_SLAB = 16
+
+
+def _w_slabs(w_in: int, w_out: int, k: int, p: int, slab: int) -> list[tuple[int, int, int, int, int, int]]:
+    """(o0, o1, lo, hi, p_left, p_right): output columns [o0, o1) read input columns [lo, hi) padded by p_left / p_right."""
+    slabs = []
+    for o0 in range(0, w_out, slab):
+        o1 = min(w_out, o0 + slab)
+        lo, hi = max(0, o0 - p), min(w_in, o1 - p + k - 1)
+        slabs.append((o0, o1, lo, hi, lo - (o0 - p), (o1 - p + k - 1) - hi))
+    return slabs
+
+
+class _PaddedNarrowConv(torch.autograd.Function):
+    """Replicate/reflect padding + :func:`narrow_conv3d`, slab by slab along W; only the unpadded input is kept.
+
+    The padded map, the partial sums and their gradients (oneDNN's blocked copies included) exist for one
+    slab of output columns at a time, never for the whole window: at the peer configuration's window they
+    were the memory peak of a translation and of a training step with the savers. The (1, 1, k_w)
+    convolution reduces only W, so slabs along W recompute nothing but a halo copy of ``k_w - 1`` columns;
+    the backward's smaller oneDNN calls and the padding rebuilt there cost time, hence only on request
+    under autograd.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int, int], mode: str, slab: int) -> Tensor:  # noqa: ANN001
+        ctx.save_for_backward(x, weight)
+        ctx.padding, ctx.mode, ctx.slab, ctx.has_bias = padding, mode, slab, bias is not None
+        (pd, ph, pw), (_, _, kd, kh, kw) = padding, weight.shape
+        b, _, d, h, w = x.shape
+        out = x.new_empty(b, weight.shape[0], d + 2 * pd - kd + 1, h + 2 * ph - kh + 1, w + 2 * pw - kw + 1)
+        for o0, o1, lo, hi, pl, pr in _w_slabs(w, out.shape[-1], kw, pw, slab):
+            # channels-last: oneDNN reads it as it is, where a contiguous slab is first copied to its blocked layout
+            xs = x[..., lo:hi].contiguous(memory_format=torch.channels_last_3d)
+            out[..., o0:o1] = narrow_conv3d(F.pad(xs, (pl, pr, ph, ph, pd, pd), mode=mode), weight, bias)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
+        x, weight = ctx.saved_tensors
+        (pd, ph, pw), mode = ctx.padding, ctx.mode
+        c_out, c_in, kd, kh, kw = weight.shape
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        w_u = weight.permute(2, 3, 0, 1, 4).reshape(kd * kh * c_out, c_in, 1, 1, kw)
+        gx = torch.zeros_like(x, memory_format=torch.contiguous_format) if need_x else None
+        gw_u = torch.zeros_like(w_u) if need_w else None
+        b, _, d, h, _ = grad.shape
+        ones, zeros = [1, 1, 1], [0, 0, 0]
+        for o0, o1, lo, hi, pl, pr in _w_slabs(x.shape[-1], grad.shape[-1], kw, pw, ctx.slab):
+            with torch.enable_grad():  # the padding's own backward folds the padded gradient (any mode)
+                xs = x[..., lo:hi].detach().contiguous().requires_grad_(need_x)
+                xp = F.pad(xs, (pl, pr, ph, ph, pd, pd), mode=mode)
+            gy = grad.new_zeros(b, kd, kh, c_out, d + kd - 1, h + kh - 1, o1 - o0)  # the shifted sums' gradient
+            for i in range(kd):
+                for j in range(kh):
+                    gy[:, i, j, :, i : i + d, j : j + h] = grad[..., o0:o1]
+            g_xp, g_wu, _ = torch.ops.aten.convolution_backward(
+                gy.view(b, kd * kh * c_out, *gy.shape[4:]), xp.detach(), w_u, None, ones, zeros, ones, False, zeros, 1,
+                [need_x, need_w, False])
+            del gy
+            if need_w:
+                gw_u += g_wu
+            if need_x:
+                gx[..., lo:hi] += torch.autograd.grad(xp, xs, g_xp)[0]
+        gw = gw_u.view(kd, kh, c_out, c_in, kw).permute(2, 3, 0, 1, 4).contiguous() if need_w else None
+        gb = grad.sum((0, 2, 3, 4)) if need_b and ctx.has_bias else None
+        return gx, gw, gb, None, None, None
 
 
 class NarrowConvTranspose3d(nn.ConvTranspose3d):

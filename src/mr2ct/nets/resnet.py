@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mr2ct.nets.cpu_conv import use_fast_convs
+from mr2ct.nets.cpu_conv import W_SLAB, use_fast_convs
 from mr2ct.nets.norms import norm_layer
 
 __all__ = ["ResnetGenerator3D", "ResnetBlock3D"]
@@ -95,7 +95,8 @@ class ResnetGenerator3D(nn.Module):
             residual block, the first up stage, and the last up stage with the head (``torch.utils.checkpoint``,
             non-reentrant; only while grad is enabled): only low-resolution tensors are kept between segments,
             never a full-resolution ``ngf``-channel one. Same outputs and gradients (RNG state is restored for
-            dropout), much lower peak memory, ~1 extra forward of compute.
+            dropout), much lower peak memory, ~1 extra forward of compute; the head then also runs in slabs along
+            W under autograd (:class:`~mr2ct.nets.cpu_conv.NarrowConv3d` ``w_slab``).
             Caveat: with ``norm="batch"`` the recomputation updates the running statistics a second time.
 
     Shapes:
@@ -126,7 +127,6 @@ class ResnetGenerator3D(nn.Module):
             raise ValueError(f"n_blocks must be >= 0, got {n_blocks}")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.padding_mode = padding_mode
-        self.checkpointing = checkpointing
 
         stages: list[nn.Module] = [
             nn.Sequential(*_conv_norm_act(in_channels, ngf, 7, norm, padding=3, padding_mode=padding_mode))
@@ -146,11 +146,22 @@ class ResnetGenerator3D(nn.Module):
             nn.Sequential(nn.Conv3d(ngf, out_channels, 7, padding=3, padding_mode=padding_mode), nn.Tanh())
         )
         self.model = use_fast_convs(nn.Sequential(*stages))
+        self.checkpointing = checkpointing
         # checkpoint segments [start, end) of self.model: the full-resolution ends (stem, last up stage,
         # head) go with their neighbour, so a segment boundary (what checkpointing keeps) is at most 1/8 of
         # the voxels; the traced tensor peak of the peer configuration drops by 0.07 GB, same FLOPs
         n = len(stages)
         self.segments = [(0, 2), *[(i, i + 1) for i in range(2, n - 2)], (n - 2, n)]
+
+    @property
+    def checkpointing(self) -> bool:
+        return self._checkpointing
+
+    @checkpointing.setter
+    def checkpointing(self, on: bool) -> None:
+        self._checkpointing = bool(on)
+        # with checkpointing the head's padded map and its gradients were the step's memory peak: slabs
+        self.model[-1][0].w_slab = W_SLAB if on else None
 
     def check_input_size(self, spatial) -> None:
         """Raise ``ValueError`` unless every spatial size is a positive multiple of 4 (>= 8 unless zero padding)."""
