@@ -54,7 +54,7 @@ CONFIGS: dict[str, str] = {
     "fp32_2400": "data.patches_per_epoch=24 trainer.precision=32-true model.memory_format=contiguous",
     "bf16_2400": "data.patches_per_epoch=24 trainer.precision=bf16-mixed",
     "bf16_4800": "data.patches_per_epoch=48 trainer.precision=bf16-mixed",
-    # the default (four starts of 160 steps, then 3200 steps; numerics auto) and options on it
+    # the default (eight starts of 160 steps, then 3200 steps; numerics auto) and options on it
     "default": "",
     "default_mind": "loss=+mind",
     "spectral": "loss=+spectral",  # spectral norm in D: the original project's best run

@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 
 from mr2ct.config import CONFIG_DIR, choose_strategy, validate
 from mr2ct.errors import ConfigError
+from mr2ct.training import multistart
 
 PRESETS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 
@@ -20,7 +21,8 @@ def test_default_config_is_the_cpu_demo(train_cfg):
     assert sorted(cfg.loss) == ["adversarial", "cycle"]  # identity off, MIND optional: README "Translation quality"
     assert cfg.loss.cycle.weight == 10.0
     assert cfg.data.body_patch_prob == 0.9 and cfg.data.patches_per_epoch == 32  # 3200 steps after the starts: the quality table
-    assert cfg.multistart.starts == "auto" and cfg.multistart.epochs == 5  # four short starts, the best continued ...
+    assert cfg.multistart.starts == "auto" and cfg.multistart.epochs == 5  # eight short starts, the best continued ...
+    assert multistart.AUTO_STARTS == 8
     assert cfg.multistart.monitor == "val/ssim"  # ... chosen by SSIM, which tells the map's sign: README "Translation quality"
     assert cfg.data.augment.noise_prob == 0.0  # no noise on patches: README "Noise augmentation in the CT domain"
     assert train_cfg(["data=nifti"]).data.augment.noise_prob == 0.0  # the same for the user's folders

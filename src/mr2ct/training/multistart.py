@@ -45,7 +45,7 @@ class Start:
 
 
 #: starts of ``multistart.starts=auto`` (the default) where they can run
-AUTO_STARTS = 4
+AUTO_STARTS = 8
 
 
 def _unmet(cfg: DictConfig, epochs: int, schedule: int, has_validation: bool) -> tuple[str, str] | None:
