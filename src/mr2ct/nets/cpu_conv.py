@@ -230,7 +230,7 @@ class _PaddedNarrowConv(torch.autograd.Function):
 
     The padded map, the partial sums and their gradients (oneDNN's blocked copies included) exist for one
     slab of output columns at a time, never for the whole window: at the peer configuration's window they
-    were the memory peak of a translation and of a training step with the savers. The (1, 1, k_w)
+    were the memory peak of a training step with the savers. The (1, 1, k_w)
     convolution reduces only W, so slabs along W recompute nothing but a halo copy of ``k_w - 1`` columns;
     the backward's smaller oneDNN calls and the padding rebuilt there cost time, hence only on request
     under autograd.
