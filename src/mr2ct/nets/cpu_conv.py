@@ -60,7 +60,7 @@ class _ShiftSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y: Tensor, d: int, h: int) -> Tensor:  # noqa: ANN001
-        ctx.shape, ctx.d, ctx.h = y.shape, d, h
+        ctx.shape = y.shape
         kd, kh = y.shape[1], y.shape[2]
         out = y[:, 0, 0, :, :d, :h].contiguous()
         for a in range(kd):
@@ -71,12 +71,23 @@ class _ShiftSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # noqa: ANN001
-        gy = grad.new_zeros(ctx.shape)
-        d, h = ctx.d, ctx.h
-        for a in range(ctx.shape[1]):
-            for b in range(ctx.shape[2]):
-                gy[:, a, b, :, a : a + d, b : b + h] = grad
-        return gy, None, None
+        return _shift_sum_grad(grad, ctx.shape), None, None
+
+
+def _shift_sum_grad(grad: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
+    """The gradient of :class:`_ShiftSum` for ``y`` of ``shape`` (B, K_d, K_h, C, D', H', W): ``grad`` at every shift."""
+    gy = grad.new_zeros(shape)
+    d, h = grad.shape[-3], grad.shape[-2]
+    for a in range(shape[1]):
+        for b in range(shape[2]):
+            gy[:, a, b, :, a : a + d, b : b + h] = grad
+    return gy
+
+
+def _row_kernels(weight: Tensor) -> Tensor:
+    """(C_out, C_in, k_d, k_h, k_w) -> (k_d * k_h * C_out, C_in, 1, 1, k_w): one (1, 1, k_w) kernel per row (a, b) and output."""
+    c_out, c_in, kd, kh, kw = weight.shape
+    return weight.permute(2, 3, 0, 1, 4).reshape(kd * kh * c_out, c_in, 1, 1, kw)
 
 
 def narrow_conv3d(x: Tensor, weight: Tensor, bias: Tensor | None = None, padding: tuple[int, int, int] = (0, 0, 0)) -> Tensor:
@@ -96,8 +107,7 @@ def narrow_conv3d(x: Tensor, weight: Tensor, bias: Tensor | None = None, padding
     # output channel (a * k_h + b) * C_out + o holds the k_w-wide partial sums of kernel row (a, b); the
     # (1, 1, k_w) kernel is pointwise along D and H, so zero-padding them there gives the zero rows the shifted
     # sums need without copying the (wide) input into a padded tensor
-    w = weight.permute(2, 3, 0, 1, 4).reshape(kd * kh * c_out, c_in, 1, 1, kw)
-    y = F.conv3d(x, w, padding=padding)
+    y = F.conv3d(x, _row_kernels(weight), padding=padding)
     b_, _, dp, hp, wp = y.shape
     out = _ShiftSum.apply(y.view(b_, kd, kh, c_out, dp, hp, wp), dp - kd + 1, hp - kh + 1)
     return out if bias is None else out + bias.view(1, -1, 1, 1, 1)
@@ -256,7 +266,7 @@ class _PaddedNarrowConv(torch.autograd.Function):
         (pd, ph, pw), mode = ctx.padding, ctx.mode
         c_out, c_in, kd, kh, kw = weight.shape
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        w_u = weight.permute(2, 3, 0, 1, 4).reshape(kd * kh * c_out, c_in, 1, 1, kw)
+        w_u = _row_kernels(weight)
         gx = torch.zeros_like(x, memory_format=torch.contiguous_format) if need_x else None
         gw_u = torch.zeros_like(w_u) if need_w else None
         b, _, d, h, _ = grad.shape
@@ -265,10 +275,7 @@ class _PaddedNarrowConv(torch.autograd.Function):
             with torch.enable_grad():  # the padding's own backward folds the padded gradient (any mode)
                 xs = x[..., lo:hi].detach().contiguous().requires_grad_(need_x)
                 xp = F.pad(xs, (pl, pr, ph, ph, pd, pd), mode=mode)
-            gy = grad.new_zeros(b, kd, kh, c_out, d + kd - 1, h + kh - 1, o1 - o0)  # the shifted sums' gradient
-            for i in range(kd):
-                for j in range(kh):
-                    gy[:, i, j, :, i : i + d, j : j + h] = grad[..., o0:o1]
+            gy = _shift_sum_grad(grad[..., o0:o1], (b, kd, kh, c_out, d + kd - 1, h + kh - 1, o1 - o0))
             g_xp, g_wu, _ = torch.ops.aten.convolution_backward(
                 gy.view(b, kd * kh * c_out, *gy.shape[4:]), xp.detach(), w_u, None, ones, zeros, ones, False, zeros, 1,
                 [need_x, need_w, False])
