@@ -392,6 +392,43 @@ def test_narrow_head_runs_in_slabs_along_w(monkeypatch, mode):
     assert slab_peak < whole_peak - padded_map, (slab_peak, whole_peak)
 
 
+#: layer, and how many of its output phases some kernel tap reaches (each one convolution)
+PHASE_CASES = {
+    "ResNet up stage (3, 2, 1, 1)": (lambda: nn.ConvTranspose3d(8, 5, 3, stride=2, padding=1, output_padding=1, bias=False), 8),
+    "anisotropic + bias": (lambda: nn.ConvTranspose3d(6, 4, (3, 4, 2), stride=(2, 3, 2), padding=(1, 0, 0), output_padding=(0, 2, 1)), 12),
+    "stride above kernel (phases no tap reaches)": (lambda: nn.ConvTranspose3d(4, 3, 2, stride=3), 8),
+}
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("case", list(PHASE_CASES))
+def test_strided_transposed_conv_runs_by_phases_without_autograd(case, channels_last):
+    """Without autograd a strided transposed convolution is one plain convolution per output phase (no
+    ``conv_transpose3d`` and its buffer twice the output); under autograd it is the torch layer. Same outputs."""
+    from torch.profiler import profile
+
+    from mr2ct.nets.cpu_conv import PhaseConvTranspose3d, use_fast_convs
+
+    factory, n_phases = PHASE_CASES[case]
+    ref = factory()
+    fast = use_fast_convs(copy.deepcopy(ref))
+    assert type(fast) is PhaseConvTranspose3d and fast.state_dict().keys() == ref.state_dict().keys()
+    x = torch.randn(2, ref.in_channels, 5, 6, 7)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    expected = ref(x)
+
+    def ops(grad: bool):
+        with profile() as prof, torch.set_grad_enabled(grad):
+            y = fast(x)
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+        return [e.name for e in prof.events()]
+
+    names = ops(grad=False)
+    assert "aten::conv_transpose3d" not in names and names.count("aten::mkldnn_convolution") == n_phases
+    assert "aten::conv_transpose3d" in ops(grad=True)
+
+
 def test_resnet_checkpointing_runs_its_head_in_slabs():
     g = ResnetGenerator3D(ngf=4, n_blocks=1)
     assert g.model[-1][0].w_slab is None
@@ -401,12 +438,13 @@ def test_resnet_checkpointing_runs_its_head_in_slabs():
 
 
 def test_generators_use_narrow_output_convs():
-    from mr2ct.nets.cpu_conv import NarrowConv3d, NarrowConvTranspose3d
+    from mr2ct.nets.cpu_conv import NarrowConv3d, NarrowConvTranspose3d, PhaseConvTranspose3d
 
     for g in tiny_generators().values():
         convs = [m for m in g.modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))]
         assert isinstance(convs[-1], (NarrowConv3d, NarrowConvTranspose3d)) and convs[-1].out_channels == 1
         assert all(m.out_channels == 1 for m in convs if isinstance(m, (NarrowConv3d, NarrowConvTranspose3d)))
+        assert all(isinstance(m, (NarrowConvTranspose3d, PhaseConvTranspose3d)) for m in convs if isinstance(m, nn.ConvTranspose3d))
 
 
 def test_narrow_input_conv_gradients_come_from_the_unfolded_input():

@@ -19,6 +19,10 @@ Three shapes of our generators run far below the CPU's convolution ceiling with 
   keeps oneDNN's forward and computes both gradients as those of a (1, 1, k_w) convolution over the input
   unfolded along D and H into ``C_in * k_d * k_h`` channels (rebuilt in the backward, not kept), the input's
   by folding the unfolded gradient back with shifted sums.
+* **strided transposed convolutions without autograd.** PyTorch's CPU ``conv_transpose3d`` holds a buffer twice
+  the size of its output (the up stage at full resolution of a ResNet window: 64 MiB beside its 32 MiB output,
+  the translation's peak). :class:`PhaseConvTranspose3d` computes each of the ``stride³`` output phases as a
+  small convolution of the input and writes it into the output: nothing beyond the output and one phase.
 
 Every layer takes its fast path only on CPU in float32 with oneDNN available, and defers to the parent
 class otherwise (CUDA, other dtypes, strided narrow layers, ...). Parameters and state-dict keys are
@@ -27,11 +31,13 @@ those of the torch layers.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["narrow_conv3d", "FastConv3d", "NarrowInputConv3d", "NarrowConv3d", "NarrowConvTranspose3d", "use_fast_convs"]
+__all__ = ["narrow_conv3d", "FastConv3d", "NarrowInputConv3d", "NarrowConv3d", "NarrowConvTranspose3d", "PhaseConvTranspose3d", "use_fast_convs"]
 
 #: oneDNN's output-channel block on AVX-512: narrower layers cost as much as this many channels
 _BLOCK = 16
@@ -303,16 +309,64 @@ class NarrowConvTranspose3d(nn.ConvTranspose3d):
         return narrow_conv3d(x, self.weight.flip(2, 3, 4).transpose(0, 1), self.bias, pad)
 
 
+def _phase_taps(k: int, stride: int, padding: int, phase: int) -> tuple[list[int], int]:
+    """Output positions ``stride * m + phase`` of a 1-D transposed convolution read inputs ``m + o`` for consecutive
+    ``o`` from the returned first offset, through kernel taps in the returned order (empty: none reach the phase)."""
+    taps = sorted(((phase + padding - j) // stride, j) for j in range(k) if (phase + padding - j) % stride == 0)
+    return [j for _, j in taps], (taps[0][0] if taps else 0)
+
+
+def phase_conv_transpose3d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, ...], padding: tuple[int, ...],
+                           output_padding: tuple[int, ...]) -> Tensor:
+    """``F.conv_transpose3d`` (one group, dilation 1) as ``prod(stride)`` convolutions, one per output phase.
+
+    x: (B, C_in, D, H, W); weight: (C_in, C_out, k_d, k_h, k_w) -> (B, C_out, D', H', W') with
+    D' = (D - 1) * s_d - 2 * p_d + k_d + op_d. Each phase (r_d, r_h, r_w) is the output's voxels
+    ``[r_d::s_d, r_h::s_h, r_w::s_w]``: a plain convolution of the (cropped or zero-padded) input with the taps
+    of ``weight`` that reach it, written straight into the output.
+    """
+    b, _, *size = x.shape
+    out_size = [(n - 1) * s - 2 * p + k + op for n, s, p, k, op in zip(size, stride, padding, weight.shape[2:], output_padding)]
+    y = x.new_empty(b, weight.shape[1], *out_size)
+    w = weight.transpose(0, 1)
+    for phase in itertools.product(*(range(s) for s in stride)):
+        view = y[:, :, phase[0]::stride[0], phase[1]::stride[1], phase[2]::stride[2]]
+        if view.numel() == 0:
+            continue
+        taps = [_phase_taps(k, s, p, r) for k, s, p, r in zip(weight.shape[2:], stride, padding, phase)]
+        if any(not t for t, _ in taps):  # no kernel tap lands on this phase: only the bias does
+            view.copy_(bias.view(1, -1, 1, 1, 1).expand_as(view) if bias is not None else torch.zeros_like(view))
+            continue
+        pads = []  # F.pad order (last axis first); negative pads crop
+        for (t, first), n_in, n_out in zip(reversed(taps), reversed(size), reversed(view.shape[2:])):
+            pads += [-first, (n_out - 1 + first + len(t) - 1) - (n_in - 1)]
+        w_phase = w[:, :, taps[0][0]][:, :, :, taps[1][0]][:, :, :, :, taps[2][0]]
+        xs = F.pad(x, pads)
+        view.copy_(torch.ops.aten.mkldnn_convolution(xs, w_phase.contiguous(), bias, [0, 0, 0], [1, 1, 1], [1, 1, 1], 1))
+    return y
+
+
+class PhaseConvTranspose3d(nn.ConvTranspose3d):
+    """``nn.ConvTranspose3d`` that runs :func:`phase_conv_transpose3d` on CPU in float32 without autograd
+    (translation, validation) for a strided layer; the torch layer otherwise (its backward is the faster one)."""
+
+    def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
+        if (output_size is not None or torch.is_grad_enabled() or not _cpu_fp32(x) or self.groups != 1
+                or any(d != 1 for d in self.dilation) or all(s == 1 for s in self.stride) or self.padding_mode != "zeros"):
+            return super().forward(x, output_size)
+        return phase_conv_transpose3d(x, self.weight, self.bias, self.stride, self.padding, self.output_padding)
+
+
 def use_fast_convs(net: nn.Module, narrow_max_out: int = 1) -> nn.Module:
     """Swap the plain 3D convolution layers of ``net`` for the subclasses above, in place. Returns ``net``.
 
     ``nn.Conv3d``/``nn.ConvTranspose3d`` with at most ``narrow_max_out`` outputs become :class:`NarrowConv3d` /
     :class:`NarrowConvTranspose3d`; narrow-input ones :class:`NarrowInputConv3d`; every other ``nn.Conv3d``
-    :class:`FastConv3d`. Parameters and state-dict keys are unchanged.
+    :class:`FastConv3d`, every other ``nn.ConvTranspose3d`` :class:`PhaseConvTranspose3d`. Parameters and state-dict keys are unchanged.
     """
     for m in net.modules():
         if type(m) is nn.Conv3d:
             m.__class__ = NarrowConv3d if m.out_channels <= narrow_max_out else NarrowInputConv3d if _narrow_input_applies(m) else FastConv3d
-        elif type(m) is nn.ConvTranspose3d and m.out_channels <= narrow_max_out:
-            m.__class__ = NarrowConvTranspose3d
+        elif type(m) is nn.ConvTranspose3d:
+            m.__class__ = NarrowConvTranspose3d if m.out_channels <= narrow_max_out else PhaseConvTranspose3d
     return net
