@@ -422,6 +422,7 @@ def test_strided_transposed_conv_runs_by_phases_without_autograd(case, channels_
         with profile() as prof, torch.set_grad_enabled(grad):
             y = fast(x)
         torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+        assert y.is_contiguous(memory_format=torch.channels_last_3d) == expected.is_contiguous(memory_format=torch.channels_last_3d)
         return [e.name for e in prof.events()]
 
     names = ops(grad=False)

@@ -321,13 +321,15 @@ def phase_conv_transpose3d(x: Tensor, weight: Tensor, bias: Tensor | None, strid
     """``F.conv_transpose3d`` (one group, dilation 1) as ``prod(stride)`` convolutions, one per output phase.
 
     x: (B, C_in, D, H, W); weight: (C_in, C_out, k_d, k_h, k_w) -> (B, C_out, D', H', W') with
-    D' = (D - 1) * s_d - 2 * p_d + k_d + op_d. Each phase (r_d, r_h, r_w) is the output's voxels
+    D' = (D - 1) * s_d - 2 * p_d + k_d + op_d, in the input's memory format. Each phase (r_d, r_h, r_w) is the output's voxels
     ``[r_d::s_d, r_h::s_h, r_w::s_w]``: a plain convolution of the (cropped or zero-padded) input with the taps
     of ``weight`` that reach it, written straight into the output.
     """
     b, _, *size = x.shape
     out_size = [(n - 1) * s - 2 * p + k + op for n, s, p, k, op in zip(size, stride, padding, weight.shape[2:], output_padding)]
-    y = x.new_empty(b, weight.shape[1], *out_size)
+    channels_last = x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+    y = torch.empty(b, weight.shape[1], *out_size, dtype=x.dtype, device=x.device,
+                    memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
     w = weight.transpose(0, 1)
     for phase in itertools.product(*(range(s) for s in stride)):
         view = y[:, :, phase[0]::stride[0], phase[1]::stride[1], phase[2]::stride[2]]
