@@ -402,11 +402,13 @@ PHASE_CASES = {
 
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("case", list(PHASE_CASES))
-def test_strided_transposed_conv_runs_by_phases_without_autograd(case, channels_last):
-    """Without autograd a strided transposed convolution is one plain convolution per output phase (no
-    ``conv_transpose3d`` and its buffer twice the output); under autograd it is the torch layer. Same outputs."""
+def test_strided_transposed_conv_runs_by_phases_without_autograd(case, channels_last, monkeypatch):
+    """Without autograd a strided transposed convolution with a large output is one plain convolution per output
+    phase (no ``conv_transpose3d`` and its buffer twice the output); under autograd, or below
+    ``PHASE_MIN_BYTES``, it is the torch layer. Same outputs."""
     from torch.profiler import profile
 
+    from mr2ct.nets import cpu_conv
     from mr2ct.nets.cpu_conv import PhaseConvTranspose3d, use_fast_convs
 
     factory, n_phases = PHASE_CASES[case]
@@ -425,6 +427,10 @@ def test_strided_transposed_conv_runs_by_phases_without_autograd(case, channels_
         assert y.is_contiguous(memory_format=torch.channels_last_3d) == expected.is_contiguous(memory_format=torch.channels_last_3d)
         return [e.name for e in prof.events()]
 
+    out_bytes = expected.numel() * 4
+    monkeypatch.setattr(cpu_conv, "PHASE_MIN_BYTES", out_bytes + 1)  # one byte too small: the torch layer
+    assert "aten::conv_transpose3d" in ops(grad=False)
+    monkeypatch.setattr(cpu_conv, "PHASE_MIN_BYTES", out_bytes)
     names = ops(grad=False)
     assert "aten::conv_transpose3d" not in names and names.count("aten::mkldnn_convolution") == n_phases
     assert "aten::conv_transpose3d" in ops(grad=True)

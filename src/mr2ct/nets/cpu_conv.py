@@ -22,7 +22,8 @@ Three shapes of our generators run far below the CPU's convolution ceiling with 
 * **strided transposed convolutions without autograd.** PyTorch's CPU ``conv_transpose3d`` holds a buffer twice
   the size of its output (the up stage at full resolution of a ResNet window: 64 MiB beside its 32 MiB output,
   the translation's peak). :class:`PhaseConvTranspose3d` computes each of the ``stride³`` output phases as a
-  small convolution of the input and writes it into the output: nothing beyond the output and one phase.
+  small convolution of the input and writes it into the output: nothing beyond the output and one phase. Only for
+  large outputs: on small ones the torch kernel is faster.
 
 Every layer takes its fast path only on CPU in float32 with oneDNN available, and defers to the parent
 class otherwise (CUDA, other dtypes, strided narrow layers, ...). Parameters and state-dict keys are
@@ -32,6 +33,7 @@ those of the torch layers.
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -348,15 +350,26 @@ def phase_conv_transpose3d(x: Tensor, weight: Tensor, bias: Tensor | None, strid
     return y
 
 
+#: smallest output (bytes) that :class:`PhaseConvTranspose3d` computes by phases: below it the torch kernel is
+#: faster (one call instead of ``prod(stride)`` small ones) and its buffer too small to set a peak
+PHASE_MIN_BYTES = 16 << 20
+
+
 class PhaseConvTranspose3d(nn.ConvTranspose3d):
     """``nn.ConvTranspose3d`` that runs :func:`phase_conv_transpose3d` on CPU in float32 without autograd
-    (translation, validation) for a strided layer; the torch layer otherwise (its backward is the faster one)."""
+    (translation, validation) for a strided layer with an output of at least :data:`PHASE_MIN_BYTES`; the torch
+    layer otherwise (its backward is the faster one)."""
 
     def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
         if (output_size is not None or torch.is_grad_enabled() or not _cpu_fp32(x) or self.groups != 1
-                or any(d != 1 for d in self.dilation) or all(s == 1 for s in self.stride) or self.padding_mode != "zeros"):
+                or any(d != 1 for d in self.dilation) or all(s == 1 for s in self.stride) or self.padding_mode != "zeros"
+                or self._output_bytes(x) < PHASE_MIN_BYTES):
             return super().forward(x, output_size)
         return phase_conv_transpose3d(x, self.weight, self.bias, self.stride, self.padding, self.output_padding)
+
+    def _output_bytes(self, x: Tensor) -> int:
+        size = [(n - 1) * s - 2 * p + k + op for n, s, p, k, op in zip(x.shape[2:], self.stride, self.padding, self.kernel_size, self.output_padding)]
+        return x.shape[0] * self.out_channels * math.prod(size) * x.element_size()
 
 
 def use_fast_convs(net: nn.Module, narrow_max_out: int = 1) -> nn.Module:
