@@ -318,6 +318,10 @@ def _phase_taps(k: int, stride: int, padding: int, phase: int) -> tuple[list[int
     return [j for _, j in taps], (taps[0][0] if taps else 0)
 
 
+def _transposed_size(size, stride, padding, kernel, output_padding) -> list[int]:  # noqa: ANN001 (int sequences)
+    return [(n - 1) * s - 2 * p + k + op for n, s, p, k, op in zip(size, stride, padding, kernel, output_padding)]
+
+
 def phase_conv_transpose3d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, ...], padding: tuple[int, ...],
                            output_padding: tuple[int, ...]) -> Tensor:
     """``F.conv_transpose3d`` (one group, dilation 1) as ``prod(stride)`` convolutions, one per output phase.
@@ -328,7 +332,7 @@ def phase_conv_transpose3d(x: Tensor, weight: Tensor, bias: Tensor | None, strid
     of ``weight`` that reach it, written straight into the output.
     """
     b, _, *size = x.shape
-    out_size = [(n - 1) * s - 2 * p + k + op for n, s, p, k, op in zip(size, stride, padding, weight.shape[2:], output_padding)]
+    out_size = _transposed_size(size, stride, padding, weight.shape[2:], output_padding)
     channels_last = x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
     y = torch.empty(b, weight.shape[1], *out_size, dtype=x.dtype, device=x.device,
                     memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
@@ -368,7 +372,7 @@ class PhaseConvTranspose3d(nn.ConvTranspose3d):
         return phase_conv_transpose3d(x, self.weight, self.bias, self.stride, self.padding, self.output_padding)
 
     def _output_bytes(self, x: Tensor) -> int:
-        size = [(n - 1) * s - 2 * p + k + op for n, s, p, k, op in zip(x.shape[2:], self.stride, self.padding, self.kernel_size, self.output_padding)]
+        size = _transposed_size(x.shape[2:], self.stride, self.padding, self.kernel_size, self.output_padding)
         return x.shape[0] * self.out_channels * math.prod(size) * x.element_size()
 
 
