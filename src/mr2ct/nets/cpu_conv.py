@@ -19,11 +19,14 @@ Three shapes of our generators run far below the CPU's convolution ceiling with 
   keeps oneDNN's forward and computes both gradients as those of a (1, 1, k_w) convolution over the input
   unfolded along D and H into ``C_in * k_d * k_h`` channels (rebuilt in the backward, not kept), the input's
   by folding the unfolded gradient back with shifted sums.
+
+One shape holds far more memory than it needs:
+
 * **strided transposed convolutions without autograd.** PyTorch's CPU ``conv_transpose3d`` holds a buffer twice
-  the size of its output (the up stage at full resolution of a ResNet window: 64 MiB beside its 32 MiB output,
-  the translation's peak). :class:`PhaseConvTranspose3d` computes each of the ``stride³`` output phases as a
-  small convolution of the input and writes it into the output: nothing beyond the output and one phase. Only for
-  large outputs: on small ones the torch kernel is faster.
+  the size of its output (for a ResNet window, at the up stage to full resolution: the translation's peak).
+  :class:`PhaseConvTranspose3d` computes each of the ``stride³`` output phases as a small convolution of the
+  input and writes it into the output: nothing beyond the output and one phase. Only for large outputs: on
+  small ones the torch kernel is faster.
 
 Every layer takes its fast path only on CPU in float32 with oneDNN available, and defers to the parent
 class otherwise (CUDA, other dtypes, strided narrow layers, ...). Parameters and state-dict keys are
