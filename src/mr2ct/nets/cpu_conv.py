@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -321,7 +322,9 @@ def _phase_taps(k: int, stride: int, padding: int, phase: int) -> tuple[list[int
     return [j for _, j in taps], (taps[0][0] if taps else 0)
 
 
-def _transposed_size(size, stride, padding, kernel, output_padding) -> list[int]:  # noqa: ANN001 (int sequences)
+def _transposed_size(size: Sequence[int], stride: Sequence[int], padding: Sequence[int], kernel: Sequence[int],
+                     output_padding: Sequence[int]) -> list[int]:
+    """Per-axis output size of a transposed convolution (dilation 1)."""
     return [(n - 1) * s - 2 * p + k + op for n, s, p, k, op in zip(size, stride, padding, kernel, output_padding)]
 
 
