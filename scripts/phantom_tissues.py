@@ -7,6 +7,10 @@ Translates the phantom's validation (default) or test volumes with the checkpoin
 run's own contrast, window and sliding-window settings, and prints per tissue the mean HU of the synthetic CT
 beside the real CT's, from the phantom's label map. Bone Dice says *that* the segmentation missed bone; this
 says what the network made of each tissue (e.g. marrow brighter than the cortical shell). Phantom runs only.
+
+It also prints what the evaluation's bone segmentation (``conf/evaluate.yaml``, ``bone``) finds in each: the share
+of the volume its body mask keeps and its bone threshold, synthetic beside real. Air rendered above the mask's
+air threshold joins the body and the multi-Otsu histogram, which moves the threshold that bone Dice depends on.
 """
 
 from __future__ import annotations
@@ -18,16 +22,24 @@ import hydra
 import numpy as np
 import torch
 
+from omegaconf import OmegaConf
+
 from mr2ct.checkpoints import load_generator
+from mr2ct.config import CONFIG_DIR
 from mr2ct.data.datamodules import PhantomDataModule
 from mr2ct.data.phantom.anatomy import make_anatomy
 from mr2ct.data.phantom.tissues import TISSUES
 from mr2ct.data.transforms import unit_to_hu
+from mr2ct.evaluation.segmentation import body_mask, bone_threshold, segment_params
 from mr2ct.inference import translate_volume
 
 
-def tissue_means(ckpt: str | Path, split: str = "val") -> dict[str, tuple[float, float]]:
-    """Tissue name -> (mean HU of the synthetic CT, mean HU of the real CT) over the split's volumes."""
+Pair = tuple[float, float]  # (synthetic CT, real CT)
+
+
+def readout(ckpt: str | Path, split: str = "val") -> tuple[dict[str, Pair], dict[str, Pair]]:
+    """Per tissue name, the mean HU over the split's volumes; and the evaluation's segmentation, averaged over
+    the volumes: ``body_share`` (fraction of the volume in its body mask) and ``threshold`` (its bone threshold, HU)."""
     net, cfg = load_generator(ckpt, "a2b")
     data = cfg["data"]
     window, inference = data["ct_window"], cfg["model"]["inference"]
@@ -35,6 +47,8 @@ def tissue_means(ckpt: str | Path, split: str = "val") -> dict[str, tuple[float,
     if not isinstance(dm, PhantomDataModule):
         raise ValueError(f"{ckpt}: not a phantom run")
     dataset, records = dm.paired_dataset(split), dm.records(split)
+    bone = segment_params(OmegaConf.load(Path(CONFIG_DIR) / "evaluate.yaml").bone)
+    seg: dict[str, list[Pair]] = {"body_share": [], "threshold": []}
     fake: dict[str, list[np.ndarray]] = {k: [] for k in TISSUES}
     real: dict[str, list[np.ndarray]] = {k: [] for k in TISSUES}
     with torch.inference_mode():
@@ -45,12 +59,17 @@ def tissue_means(ckpt: str | Path, split: str = "val") -> dict[str, tuple[float,
             hu_fake = unit_to_hu(out[0, 0], window).numpy()
             hu_real = unit_to_hu(torch.as_tensor(sample["b"])[0], window).numpy()
             labels = make_anatomy(data["shape"], data["spacing"], record["seed"])
+            bodies = [body_mask(hu, bone["air_threshold"]) for hu in (hu_fake, hu_real)]
+            seg["body_share"].append(tuple(float(b.mean()) for b in bodies))
+            seg["threshold"].append(tuple(bone_threshold(hu[b], bone["method"], bone["classes"], bone["bins"])
+                                          for hu, b in zip((hu_fake, hu_real), bodies)))
             for name, label in TISSUES.items():
                 inside = labels == label
                 if inside.any():
                     fake[name].append(hu_fake[inside])
                     real[name].append(hu_real[inside])
-    return {k: (float(np.concatenate(fake[k]).mean()), float(np.concatenate(real[k]).mean())) for k in TISSUES if fake[k]}
+    means = {k: (float(np.concatenate(fake[k]).mean()), float(np.concatenate(real[k]).mean())) for k in TISSUES if fake[k]}
+    return means, {k: tuple(float(np.mean(v)) for v in zip(*pairs)) for k, pairs in seg.items()}
 
 
 def main(argv: list[str]) -> int:
@@ -67,12 +86,14 @@ def main(argv: list[str]) -> int:
         if not Path(ckpt).is_file():
             sys.exit(f"mr2ct: error: no checkpoint at {ckpt}")
         try:
-            means = tissue_means(ckpt, split)
+            means, seg = readout(ckpt, split)
         except (KeyError, ValueError) as err:
             sys.exit(f"mr2ct: error: {err}")
         print(f"{ckpt} ({split}): synthetic / real CT, mean HU")
         print("  " + "  ".join(f"{name} {f:.0f}/{r:.0f}" for name, (f, r) in means.items()))
         print(f"  cortical - trabecular: {means['cortical'][0] - means['trabecular'][0]:+.0f} HU (real: {means['cortical'][1] - means['trabecular'][1]:+.0f})")
+        (body_f, body_r), (thr_f, thr_r) = seg["body_share"], seg["threshold"]
+        print(f"  segmentation: body {body_f:.0%}/{body_r:.0%} of the volume, bone threshold {thr_f:.0f}/{thr_r:.0f} HU")
     return 0
 
 

@@ -44,7 +44,10 @@ def test_quality_benchmark_trains_evaluates_and_tabulates_each_configuration(tmp
     spec = importlib.util.spec_from_file_location("phantom_tissues", ROOT / "scripts" / "phantom_tissues.py")
     tissues = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tissues)
-    means = tissues.tissue_means(runs[0]["ckpt"], "test")
+    means, seg = tissues.readout(runs[0]["ckpt"], "test")
     assert {"air", "fat", "muscle", "cortical", "trabecular", "disc"} <= set(means)
     assert means["air"][1] < -900 and means["cortical"][1] > means["trabecular"][1] > means["muscle"][1]  # the real CT
     assert all(-1100 < fake < 3100 for fake, _ in means.values())
+    # the real CT's body mask leaves its air out; its bone threshold lies between its muscle and its cortical shell
+    assert 0.3 < seg["body_share"][1] < 0.9 and 0 < seg["body_share"][0] <= 1
+    assert means["muscle"][1] < seg["threshold"][1] < means["cortical"][1]
