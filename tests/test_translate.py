@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from conftest import compose_train_cfg, run_cli, run_tool_here, tiny
 from mr2ct.checkpoints import load_generator
 from mr2ct.config import CONFIG_DIR
 from mr2ct.data.phantom import make_phantom
-from mr2ct.inference import Preprocessing, translate_array
+from mr2ct.inference import LayoutChooser, Preprocessing, inference_numerics, translate_array, translate_volume
 from mr2ct.translate import run
 
 
@@ -45,6 +47,48 @@ def test_load_generator_rebuilds_weights(ckpt):
     assert torch.equal(next(iter(g_ab.state_dict().values())), state[f"g_ab.{next(iter(g_ab.state_dict()))}"])
     assert not torch.equal(next(iter(g_ab.parameters())), next(iter(g_ba.parameters())))
     assert cfg["data"]["patch_size"] == [16, 16, 16] and not g_ab.training
+
+
+class LayoutTimedNet(torch.nn.Module):
+    """Doubles its input; in its ``slow`` layout (that of its 5-D weight) a call takes 20 ms. Records the layouts."""
+
+    def __init__(self, slow: str):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(2, 3, 2, 2, 2))
+        self.slow, self.seen = slow, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layout = "contiguous" if self.w.is_contiguous() else "channels_last"
+        self.seen.append(layout)
+        if layout == self.slow:
+            time.sleep(0.02)
+        return x * 2
+
+
+@pytest.mark.parametrize("slow,kept", [("contiguous", "channels_last"), ("channels_last", "contiguous")])
+def test_layout_chooser_tries_both_layouts_then_keeps_the_faster(slow, kept):
+    net = LayoutTimedNet(slow)
+    chooser = LayoutChooser(net, rounds=2)
+    x = torch.randn(1, 1, 4, 5, 6)
+    outs = [chooser(x) for _ in range(10)]
+    assert all(torch.equal(o, 2 * x) for o in outs)  # every window's output is used
+    assert net.seen[:6] == ["contiguous"] * 3 + ["channels_last"] * 3  # each: a warm-up, then two timed windows
+    assert chooser.choice == kept and net.seen[6:] == [kept] * 4
+    assert net.w.is_contiguous() == (kept == "contiguous")  # the module is left in the layout kept
+    assert len(chooser.seconds["contiguous"]) == len(chooser.seconds["channels_last"]) == 2
+
+
+def test_auto_layout_translates_as_contiguous_does(ckpt):
+    g_ab, run_config = load_generator(ckpt, "a2b")
+    assert inference_numerics(run_config, torch.device("cpu"))[1] == "auto"  # the windows' layout is timed, not the run's
+    assert inference_numerics(run_config, torch.device("cpu"), model_path="g.onnx")[1] == "contiguous"  # exports run as exported
+    with pytest.raises(ValueError, match="memory_format"):
+        inference_numerics(run_config, torch.device("cpu"), memory_format="nhwc")
+    vol = torch.rand(1, 1, 32, 32, 40) * 2 - 1  # 27 windows of 16³: the choice is made after 6
+    kwargs = {"roi_size": [16, 16, 16], "overlap": 0.25, "sw_batch_size": 1}
+    plain = translate_volume(g_ab, vol, memory_format="contiguous", **kwargs)
+    timed = translate_volume(g_ab, vol, memory_format="auto", **kwargs)
+    torch.testing.assert_close(timed, plain, rtol=0, atol=1e-5)
 
 
 def test_output_keeps_shape_affine_and_input_orientation(ckpt, mri):

@@ -8,8 +8,10 @@ inverse of the preprocessing on the way out. Memory is bounded by the window (``
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,32 +25,86 @@ from torch import nn
 from mr2ct.data.transforms import hu_to_unit, unit_to_hu
 from mr2ct.numerics import bf16_fast
 
+log = logging.getLogger("mr2ct.inference")
+#: what ``memory_format`` may say for a translation ("auto": :class:`LayoutChooser`)
+WINDOW_FORMATS = ("contiguous", "channels_last", "auto")
+
 
 def inference_numerics(
     run_config: dict[str, Any], device: torch.device, precision: str = "auto", memory_format: str = "auto", model_path: str | Path = ""
 ) -> tuple[str, str]:
     """(precision, memory format) for translating with a run's generator on ``device``.
 
-    ``auto`` takes what the run trained with (its resolved ``trainer.precision`` / ``model.memory_format``),
-    except bf16 where ``device`` has no native bf16 (emulated bf16 is far slower than fp32), and except
-    deployable exports (``.onnx``, ``.pt``), which run as exported: fp32, contiguous.
+    Precision ``auto`` takes what the run trained with (its resolved ``trainer.precision``), except bf16 where
+    ``device`` has no native bf16 (emulated bf16 is far slower than fp32). Memory format ``auto`` stays ``auto``:
+    :func:`translate_volume` times both layouts on the first windows (:class:`LayoutChooser`), since the
+    layout that trains faster need not be the one that runs a forward pass faster. Deployable exports
+    (``.onnx``, ``.pt``) run as exported: fp32, contiguous.
     """
     if Path(model_path).suffix in (".onnx", ".pt"):
-        run_config = {}
+        run_config, memory_format = {}, "contiguous"
     if precision == "auto":
         trained = str(run_config.get("trainer", {}).get("precision", "32-true"))
         precision = "bf16-mixed" if "bf16" in trained and bf16_fast(device) else "32-true"
-    if memory_format == "auto":
-        memory_format = str(run_config.get("model", {}).get("memory_format", "contiguous"))
-        memory_format = memory_format if memory_format in ("contiguous", "channels_last") else "contiguous"
+    if memory_format not in WINDOW_FORMATS:
+        raise ValueError(f"memory_format must be one of {WINDOW_FORMATS}, got {memory_format!r}")
     return precision, memory_format
 
 
 def place_generator(generator: Callable[[torch.Tensor], torch.Tensor], device: torch.device, memory_format: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A generator module moved to ``device`` in ``memory_format``; exported (non-module) generators as they are."""
+    """A generator module moved to ``device`` in ``memory_format`` (``auto``: as it is; :func:`translate_volume`
+    chooses); exported (non-module) generators as they are."""
     if not isinstance(generator, torch.nn.Module):
         return generator
+    if memory_format == "auto":
+        return generator.to(device)
     return generator.to(device, memory_format=torch.channels_last_3d if memory_format == "channels_last" else torch.contiguous_format)
+
+
+@dataclass
+class LayoutChooser:
+    """Runs a generator's first windows with its weights in NCDHW, the next in NDHWC, then keeps the faster layout.
+
+    The layout is the weights': oneDNN and cuDNN give a convolution's output the layout of its weights when the
+    input has one channel, as an MRI window has. The module is converted in place, a parameter at a time, once
+    (twice when contiguous wins), so it is never held twice. Of each layout's ``1 + rounds`` windows the first
+    only warms up (kernel selection); channels-last is kept when its best time is at most ``margin`` of
+    contiguous's. Every window's output is used: the choice costs no extra forward pass.
+    """
+
+    generator: nn.Module
+    rounds: int = 2
+    margin: float = 0.97
+    seconds: dict[str, list[float]] = field(default_factory=lambda: {"contiguous": [], "channels_last": []})
+    choice: str | None = None
+    calls: int = 0
+
+    def _place(self, layout: str) -> None:
+        self.generator.to(memory_format=torch.channels_last_3d if layout == "channels_last" else torch.contiguous_format)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.choice is not None:
+            return self.generator(x)
+        per_layout = 1 + self.rounds
+        layout = "contiguous" if self.calls < per_layout else "channels_last"
+        if self.calls in (0, per_layout):
+            self._place(layout)
+        self.calls += 1
+        sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        y = self.generator(x)
+        sync()
+        if self.calls not in (1, per_layout + 1):
+            self.seconds[layout].append(time.perf_counter() - t0)
+        if len(self.seconds["channels_last"]) >= self.rounds:
+            best = {k: min(v) for k, v in self.seconds.items()}
+            self.choice = "channels_last" if best["channels_last"] <= self.margin * best["contiguous"] else "contiguous"
+            if self.choice == "contiguous":
+                self._place(self.choice)
+            log.info("weights as %s (best of %d windows: contiguous %.0f ms, channels-last %.0f ms)", self.choice, self.rounds,
+                     best["contiguous"] * 1e3, best["channels_last"] * 1e3)
+        return y
 
 
 def auto_sw_batch_size(
@@ -85,20 +141,24 @@ def translate_volume(
 
     Volumes smaller than the window are padded inside MONAI and cropped back. ``precision`` bf16-mixed runs
     the windows under bf16 autocast; ``memory_format`` channels_last hands them to the network as NDHWC
-    (for a network whose weights are NDHWC); ``sw_batch_size="auto"``: :func:`auto_sw_batch_size`.
+    (for a network whose weights are NDHWC); ``auto`` converts a generator module to whichever layout
+    :class:`LayoutChooser` times faster on the first windows; ``sw_batch_size="auto"``: :func:`auto_sw_batch_size`.
     """
     run_device = torch.device(sw_device) if sw_device is not None else volume.device
     bf16 = "bf16" in str(precision)
+    if memory_format not in WINDOW_FORMATS:
+        raise ValueError(f"memory_format must be one of {WINDOW_FORMATS}, got {memory_format!r}")
     channels_last = memory_format == "channels_last"
+    network = LayoutChooser(generator) if memory_format == "auto" and isinstance(generator, nn.Module) else generator
 
     def predictor(x: torch.Tensor) -> torch.Tensor:
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         if bf16:  # no cast cache: it would keep a bf16 copy of every weight beside the fp32 one
             with torch.autocast(run_device.type, dtype=torch.bfloat16, cache_enabled=False):
-                y = generator(x)
+                y = network(x)
         else:  # leave any enclosing autocast (Lightning's validation) as it is
-            y = generator(x)
+            y = network(x)
         # MONAI weights the output in place; at one window per batch the window is a view of the input volume,
         # so an output sharing its storage (an identity-like network) would corrupt the input
         if y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
