@@ -21,7 +21,6 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
-
 from omegaconf import OmegaConf
 
 from mr2ct.checkpoints import load_generator
