@@ -46,7 +46,7 @@ def readout(ckpt: str | Path, split: str = "val") -> tuple[dict[str, Pair], dict
     if not isinstance(dm, PhantomDataModule):
         raise ValueError(f"{ckpt}: not a phantom run")
     dataset, records = dm.paired_dataset(split), dm.records(split)
-    bone = segment_params(OmegaConf.load(Path(CONFIG_DIR) / "evaluate.yaml").bone)
+    segment = segment_params(OmegaConf.load(Path(CONFIG_DIR) / "evaluate.yaml").bone)
     seg: dict[str, list[Pair]] = {"body_share": [], "threshold": []}
     fake: dict[str, list[np.ndarray]] = {k: [] for k in TISSUES}
     real: dict[str, list[np.ndarray]] = {k: [] for k in TISSUES}
@@ -58,9 +58,9 @@ def readout(ckpt: str | Path, split: str = "val") -> tuple[dict[str, Pair], dict
             hu_fake = unit_to_hu(out[0, 0], window).numpy()
             hu_real = unit_to_hu(torch.as_tensor(sample["b"])[0], window).numpy()
             labels = make_anatomy(data["shape"], data["spacing"], record["seed"])
-            bodies = [body_mask(hu, bone["air_threshold"]) for hu in (hu_fake, hu_real)]
+            bodies = [body_mask(hu, segment["air_threshold"]) for hu in (hu_fake, hu_real)]
             seg["body_share"].append(tuple(float(b.mean()) for b in bodies))
-            seg["threshold"].append(tuple(bone_threshold(hu[b], bone["method"], bone["classes"], bone["bins"])
+            seg["threshold"].append(tuple(bone_threshold(hu[b], segment["method"], segment["classes"], segment["bins"])
                                           for hu, b in zip((hu_fake, hu_real), bodies)))
             for name, label in TISSUES.items():
                 inside = labels == label

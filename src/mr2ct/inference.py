@@ -30,6 +30,16 @@ log = logging.getLogger("mr2ct.inference")
 WINDOW_FORMATS = ("contiguous", "channels_last", "auto")
 
 
+def _check_format(memory_format: str) -> str:
+    if memory_format not in WINDOW_FORMATS:
+        raise ValueError(f"memory_format must be one of {WINDOW_FORMATS}, got {memory_format!r}")
+    return memory_format
+
+
+def _torch_format(layout: str) -> torch.memory_format:
+    return torch.channels_last_3d if layout == "channels_last" else torch.contiguous_format
+
+
 def inference_numerics(
     run_config: dict[str, Any], device: torch.device, precision: str = "auto", memory_format: str = "auto", model_path: str | Path = ""
 ) -> tuple[str, str]:
@@ -46,9 +56,7 @@ def inference_numerics(
     if precision == "auto":
         trained = str(run_config.get("trainer", {}).get("precision", "32-true"))
         precision = "bf16-mixed" if "bf16" in trained and bf16_fast(device) else "32-true"
-    if memory_format not in WINDOW_FORMATS:
-        raise ValueError(f"memory_format must be one of {WINDOW_FORMATS}, got {memory_format!r}")
-    return precision, memory_format
+    return precision, _check_format(memory_format)
 
 
 def place_generator(generator: Callable[[torch.Tensor], torch.Tensor], device: torch.device, memory_format: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -58,7 +66,7 @@ def place_generator(generator: Callable[[torch.Tensor], torch.Tensor], device: t
         return generator
     if memory_format == "auto":
         return generator.to(device)
-    return generator.to(device, memory_format=torch.channels_last_3d if memory_format == "channels_last" else torch.contiguous_format)
+    return generator.to(device, memory_format=_torch_format(memory_format))
 
 
 @dataclass
@@ -75,12 +83,12 @@ class LayoutChooser:
     generator: nn.Module
     rounds: int = 2
     margin: float = 0.97
-    seconds: dict[str, list[float]] = field(default_factory=lambda: {"contiguous": [], "channels_last": []})
-    choice: str | None = None
-    calls: int = 0
+    seconds: dict[str, list[float]] = field(init=False, default_factory=lambda: {"contiguous": [], "channels_last": []})
+    choice: str | None = field(init=False, default=None)
+    calls: int = field(init=False, default=0)
 
     def _place(self, layout: str) -> None:
-        self.generator.to(memory_format=torch.channels_last_3d if layout == "channels_last" else torch.contiguous_format)
+        self.generator.to(memory_format=_torch_format(layout))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.choice is not None:
@@ -146,9 +154,7 @@ def translate_volume(
     """
     run_device = torch.device(sw_device) if sw_device is not None else volume.device
     bf16 = "bf16" in str(precision)
-    if memory_format not in WINDOW_FORMATS:
-        raise ValueError(f"memory_format must be one of {WINDOW_FORMATS}, got {memory_format!r}")
-    channels_last = memory_format == "channels_last"
+    channels_last = _check_format(memory_format) == "channels_last"
     network = LayoutChooser(generator) if memory_format == "auto" and isinstance(generator, nn.Module) else generator
 
     def predictor(x: torch.Tensor) -> torch.Tensor:
