@@ -73,6 +73,39 @@ def test_paired_term_is_zero_for_a_perfect_translation_and_l1_in_the_body():
     assert torch.isclose(term(off, ct, body), torch.tensor(0.5))
 
 
+def test_bone_weighted_paired_term_counts_bone_errors_more_and_only_towards_ct():
+    ct = torch.full((1, 1, 4, 4, 4), -0.8)
+    ct[..., :2] = 0.5  # bone: above the level 0.0
+    term = PairedLoss(weight=1.0, bone_weight=4.0)
+    assert term(ct.clone(), ct, None, 0.0) == 0
+    on_bone, on_soft = ct.clone(), ct.clone()
+    on_bone[..., :1] += 0.5  # the same error on 16 bone voxels ...
+    on_soft[..., 3:] += 0.5  # ... and on 16 soft-tissue voxels
+    # weights: 32 bone voxels x 5 + 32 others x 1 = 192
+    assert torch.isclose(term(on_bone, ct, None, 0.0), torch.tensor(0.5 * 16 * 5 / 192))
+    assert torch.isclose(term(on_soft, ct, None, 0.0), torch.tensor(0.5 * 16 / 192))
+    # no level (the reverse direction, an MRI target) or no bone weight: plain L1
+    assert torch.isclose(term(on_bone, ct), torch.tensor(0.5 * 16 / 64))
+    assert torch.isclose(PairedLoss(weight=1.0)(on_bone, ct, None, 0.0), torch.tensor(0.5 * 16 / 64))
+    body = torch.zeros_like(ct)
+    body[..., 1:] = 1  # 16 bone voxels x 5 + 32 others = 112 in the body; the errors on the rest do not count
+    assert term(on_bone, ct, body, 0.0) == 0
+    assert torch.isclose(term(on_soft, ct, body, 0.0), torch.tensor(0.5 * 16 / 112))
+
+
+def test_model_weighs_bone_at_the_configured_hu_in_the_ct_direction_only():
+    torch.manual_seed(0)
+    model = _model({"paired": PairedLoss(weight=10.0, reverse=True, bone_weight=4.0, bone_hu=200.0)})
+    a, b = torch.rand(2, 1, 16, 16, 16) * 2 - 1, torch.rand(2, 1, 16, 16, 16) * 2 - 1
+    body = torch.ones(2, 1, 16, 16, 16)
+    batch = {"paired": torch.tensor([True, True]), "mask_a": body, "mask_b": body}
+    terms, fake_a, fake_b = model.generator_losses(a, b, "ab", batch)
+    level = (200.0 + 1024.0) / 4024.0 * 2 - 1  # 200 HU on the default CT scale, -1024..3000 HU
+    w = 1 + 4.0 * (b > level).float()
+    assert torch.isclose(terms["paired_ab"], 10.0 * ((fake_b - b).abs() * w).sum() / w.sum(), atol=1e-6)
+    assert torch.isclose(terms["paired_ba"], 10.0 * F.l1_loss(fake_a, a), atol=1e-6)
+
+
 def test_masked_cycle_ignores_air():
     real = torch.zeros(1, 1, 4, 4, 4)
     rec = real.clone()

@@ -29,12 +29,13 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from monai.data import MetaTensor
 from torch import Tensor, nn
 
-from mr2ct.data.transforms import unit_to_hu
+from mr2ct.data.transforms import hu_to_unit, unit_to_hu
 from mr2ct.inference import translate_volume
 from mr2ct.model.optim import adam
 from mr2ct.model.output_init import start_at_body_median
@@ -243,7 +244,8 @@ class CycleGAN(pl.LightningModule):
                 out[name] = pred.new_zeros(())
             else:
                 mask = body[sel] if body is not None else None
-                out[name] = term.weight * term(pred[sel], target[sel], mask)
+                level = float(hu_to_unit(np.asarray(term.bone_hu), self.hparams.ct_window)) if half == "a" else None
+                out[name] = term.weight * term(pred[sel], target[sel], mask, level)
         return out
 
     def generator_backward(
