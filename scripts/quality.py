@@ -69,6 +69,8 @@ CONFIGS: dict[str, str] = {
     "d_full_res": "discriminator.full_res_layer=true",  # a stride-1 layer in front of the discriminators
     "paired25": "loss=+paired data.paired_fraction=0.25",
     "paired100": "loss=+paired data.paired_fraction=1.0",
+    # semi-paired with the true CT's bone (> 200 HU) counted five times in the paired term
+    "paired25_bone": "loss=+paired data.paired_fraction=0.25 loss.paired.bone_weight=4",
     "cpu_30min": "experiment=cpu_30min trainer.max_time=null",  # give budget_min >= 35
 }
 
