@@ -168,6 +168,8 @@ CASES = {
     "size-1 axis": (case_train(lambda t, a: nifti(t / "mri" / "slab.nii.gz", np.ones((24, 24, 1))) and a), "slab.nii.gz: degenerate volume of shape [24, 24, 1]"),
     "patch not divisible by stride": (case_train(lambda t, a: [*a, "data.patch_size=[18,16,16]"]), "must be divisible by the generator's total stride 4"),
     "negative loss weight": (case_train(lambda t, a: [*a, "loss.cycle.weight=-1"]), "loss.cycle.weight must be >= 0"),
+    "negative bone weight of the paired term": (case_train(lambda t, a: [*a, "loss=+paired", "loss.paired.bone_weight=-1"]), "loss.paired.bone_weight must be >= 0"),
+    "loss set without the cycle": (case_train(lambda t, a: [*a, "loss=[adversarial]"]), "the loss set needs ['cycle']"),
     "resume checkpoint missing": (case_train(lambda t, a: [*a, f"ckpt={t / 'none.ckpt'}"]), "checkpoint not found"),
     "resume checkpoint corrupt": (case_train(lambda t, a: (t / "bad.ckpt").write_bytes(b"\x00" * 100) and [*a, f"ckpt={t / 'bad.ckpt'}"]), "bad.ckpt is corrupt or truncated"),
     "resume checkpoint of another architecture": (

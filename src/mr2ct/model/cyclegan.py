@@ -36,6 +36,7 @@ from monai.data import MetaTensor
 from torch import Tensor, nn
 
 from mr2ct.data.transforms import hu_to_unit, unit_to_hu
+from mr2ct.errors import ConfigError
 from mr2ct.inference import translate_volume
 from mr2ct.model.optim import adam
 from mr2ct.model.output_init import start_at_body_median
@@ -130,7 +131,7 @@ class CycleGAN(pl.LightningModule):
             init_weights(net, init_type, init_gain)
         missing = {"adversarial", "cycle"} - set(losses)
         if missing:
-            raise ValueError(f"the loss set needs {sorted(missing)}; got {sorted(losses)}")
+            raise ConfigError(f"the loss set needs {sorted(missing)}; got {sorted(losses)}")
         unknown = set(losses) - {"adversarial", "cycle", *OPTIONAL_TERMS}
         if unknown:
             raise ValueError(f"unknown loss terms {sorted(unknown)}")
