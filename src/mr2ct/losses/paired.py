@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from mr2ct.errors import ConfigError
 from mr2ct.losses._common import check_same_shape, masked_mean
 
 __all__ = ["PairedLoss"]
@@ -33,8 +32,6 @@ class PairedLoss(nn.Module):
 
     def __init__(self, weight: float = 10.0, reverse: bool = False, bone_weight: float = 0.0, bone_hu: float = 200.0) -> None:
         super().__init__()
-        if bone_weight < 0:
-            raise ConfigError(f"loss.paired.bone_weight must be >= 0, got {bone_weight}")
         self.weight, self.reverse = float(weight), bool(reverse)
         self.bone_weight, self.bone_hu = float(bone_weight), float(bone_hu)
 
