@@ -182,6 +182,32 @@ def test_input_skip_starts_from_the_inverted_input_and_learns(layout):
         UNetGenerator(**layout, out_channels=2, input_skip=-1.0)
 
 
+def test_top_norm_false_lets_the_output_keep_the_decoders_scale():
+    """With residual units the top up-conv is ``out_channels`` wide; its norm erases the scale the decoder computed.
+
+    Scaling that conv's weights leaves the output unchanged under the norm and changes it without; the default
+    keeps MONAI's layout, so state dicts of earlier checkpoints still fit.
+    """
+    x = torch.randn(1, 1, 16, 16, 16)
+    outs = {}
+    for top_norm in (True, False):
+        g = init_weights(UNetGenerator(**TINY_UNET_RES, top_norm=top_norm)).eval()
+        up = g.decoder[-1][0]
+        with torch.no_grad():
+            before = g(x)
+            up.conv.weight.mul_(10.0)
+            outs[top_norm] = (before - g(x)).abs().max().item()
+        norms = [m for m in up.modules() if isinstance(m, nn.InstanceNorm3d)]
+        assert len(norms) == (1 if top_norm else 0) and (up.conv.bias is None) == top_norm
+    assert outs[True] < 2e-3 and outs[False] > 0.05, outs
+    old = set(UNetGenerator(**TINY_UNET_RES).state_dict())
+    new = set(UNetGenerator(**TINY_UNET_RES, top_norm=False).state_dict())
+    top = f"decoder.{len(TINY_UNET_RES['strides']) - 1}.0."
+    assert old - new == {top + "adn.N.weight", top + "adn.N.bias"} and new - old == {top + "conv.bias"}
+    plain = [UNetGenerator(**TINY_UNET, top_norm=t) for t in (True, False)]  # no residual units: no top norm either way
+    assert set(plain[0].state_dict()) == set(plain[1].state_dict())
+
+
 def test_spectral_norm():
     d = PatchDiscriminator3D(ndf=4, n_layers=3, spectral_norm=True)
     convs = [m for m in d.modules() if isinstance(m, nn.Conv3d)]

@@ -82,6 +82,11 @@ class UNetGenerator(nn.Module):
             ``tanh``: ``tanh(h + s * x)``. 0 (the default) builds no such parameter. -1 starts the generator
             from the intensity-inverted input: MRI-dark structures (cortical bone, air) come out bright,
             MRI-bright ones (fat, fluid) dark (README "Translation quality"). Needs ``in_channels == out_channels``.
+        top_norm: with ``num_res_units > 0``, normalise the top decoder block's up-conv output, which is only
+            ``out_channels`` wide (MONAI's topology, kept as the default so that checkpoints made before this
+            option rebuild unchanged). ``False`` leaves that conv un-normalised (with its bias), so the output
+            keeps the level and contrast the decoder computed instead of every patch's own mean and scale
+            (README "Translation quality"). No effect with ``num_res_units == 0``, whose top conv has no norm.
 
     Shapes:
         input (B, C_in, X, Y, Z) -> output (B, C_out, X, Y, Z) with values in [-1, 1]. X, Y and Z must be
@@ -101,6 +106,7 @@ class UNetGenerator(nn.Module):
         checkpointing: bool = False,
         upsample: str = "transpose",
         input_skip: float = 0.0,
+        top_norm: bool = True,
     ) -> None:
         super().__init__()
         if input_skip and in_channels != out_channels:
@@ -126,11 +132,13 @@ class UNetGenerator(nn.Module):
 
         def up_block(cin: int, cout: int, stride: int, is_top: bool) -> nn.Module:
             conv_only = is_top and num_res_units == 0
+            # a norm over the out_channels-wide top block would erase each patch's output level and contrast
+            ukw = dict(kw, norm=None) if is_top and not top_norm else kw
             if upsample == "resize":  # trilinear resize + conv: no checkerboard (Odena et al. 2016)
-                conv = Convolution(3, cin, cout, strides=1, kernel_size=3, conv_only=conv_only, **kw)
+                conv = Convolution(3, cin, cout, strides=1, kernel_size=3, conv_only=conv_only, **ukw)
                 up = conv if stride == 1 else nn.Sequential(nn.Upsample(scale_factor=stride, mode="trilinear"), conv)
             else:
-                up = Convolution(3, cin, cout, strides=stride, kernel_size=3, is_transposed=True, conv_only=conv_only, **kw)
+                up = Convolution(3, cin, cout, strides=stride, kernel_size=3, is_transposed=True, conv_only=conv_only, **ukw)
             if num_res_units == 0:
                 return up
             ru = ResidualUnit(3, cout, cout, strides=1, kernel_size=3, subunits=1, last_conv_only=is_top, **kw)
