@@ -118,3 +118,20 @@ def test_exported_file_of_another_architecture_is_refused(trained, tmp_path):
     out.write_bytes(b"not safetensors")
     with pytest.raises(InputError, match="corrupt or not safetensors"):
         load_generator(out)
+
+
+def test_generator_configs_written_before_top_norm_rebuild_their_layout():
+    """Files from before ``top_norm`` existed carry no such key: they rebuild MONAI's normed top block, so their
+    weights still load; the shipped config (without that norm) would not take them."""
+    from omegaconf import OmegaConf
+
+    from mr2ct.config import CONFIG_DIR
+    from mr2ct.nets import UNetGenerator
+
+    shipped = OmegaConf.to_container(OmegaConf.load(f"{CONFIG_DIR}/generator/unet_updated.yaml"))
+    shipped.update(channels=[4, 8, 8], strides=[2, 2])
+    old = {k: v for k, v in shipped.items() if k != "top_norm"}
+    state = UNetGenerator(**{k: v for k, v in old.items() if not k.startswith("_")}).state_dict()
+    build_generator(old, "old.json").load_state_dict(state)
+    with pytest.raises(RuntimeError, match="Missing key|Unexpected key"):
+        build_generator(shipped, "new.json").load_state_dict(state)

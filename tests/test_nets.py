@@ -269,6 +269,8 @@ def test_full_size_param_counts():
     unet, unet_updated = _shipped("unet"), _shipped("unet_updated")
     assert list(unet.strides) == [1, 2, 2] and unet.divisor == 4  # the full-resolution first level of the CPU default
     assert unet_updated.divisor == 16
+    top = unet_updated.decoder[-1][0]  # no norm over the one-channel top block (README: it erased the output's level)
+    assert top.conv.bias is not None and not any(isinstance(m, nn.InstanceNorm3d) for m in top.modules())
     unet, unet_updated = n_params(unet), n_params(unet_updated)
     assert 0.4e6 < unet < 0.6e6, unet
     assert 12e6 < unet_updated < 14e6, unet_updated

@@ -83,10 +83,11 @@ class UNetGenerator(nn.Module):
             from the intensity-inverted input: MRI-dark structures (cortical bone, air) come out bright,
             MRI-bright ones (fat, fluid) dark (README "Translation quality"). Needs ``in_channels == out_channels``.
         top_norm: with ``num_res_units > 0``, normalise the top decoder block's up-conv output, which is only
-            ``out_channels`` wide (MONAI's topology, kept as the default so that checkpoints made before this
-            option rebuild unchanged). ``False`` leaves that conv un-normalised (with its bias), so the output
-            keeps the level and contrast the decoder computed instead of every patch's own mean and scale
-            (README "Translation quality"). No effect with ``num_res_units == 0``, whose top conv has no norm.
+            ``out_channels`` wide (MONAI's topology; the argument's default, so that generator configs written
+            before this option rebuild unchanged). ``False`` (the shipped configs) leaves that conv un-normalised,
+            with its bias, so the output keeps the level and contrast the decoder computed instead of every
+            patch's own mean and scale (README "Translation quality"). No effect with ``num_res_units == 0``,
+            whose top conv has no norm.
 
     Shapes:
         input (B, C_in, X, Y, Z) -> output (B, C_out, X, Y, Z) with values in [-1, 1]. X, Y and Z must be

@@ -8,7 +8,7 @@ leave; in T2 the validation bone Dice tells the two apart by then (README "Trans
 epochs each on the full LR schedule, validates each once, and resumes the best one's checkpoint for the
 rest of the run. A ``trainer.max_time`` budget covers the whole thing, the starts included.
 
-Each start keeps its own folder ``<run>/starts/seed<N>/`` (TensorBoard, checkpoints) and
+Each start keeps its own folder ``<run>/starts/seed<N>/`` (TensorBoard, ``checkpoints/last.ckpt``) and
 ``<run>/starts/summary.json`` records the scores and the choice.
 """
 
@@ -112,6 +112,10 @@ def start_config(cfg: DictConfig, seed: int, folder: Path, epochs: int) -> DictC
     sub.paths.output_dir = str(folder)
     sub.trainer.max_epochs = epochs
     sub.trainer.check_val_every_n_epoch = epochs
+    if "model_checkpoint" in (sub.get("callbacks") or {}):
+        # a start validates once, at its end, so its best checkpoint would be a second copy of last.ckpt
+        # (~0.3 GB each for unet_updated: eight starts filled 5 GB)
+        sub.callbacks.model_checkpoint.save_top_k = 0
     return sub
 
 
