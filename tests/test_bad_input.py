@@ -284,3 +284,18 @@ def test_bad_config_override_gets_one_line(tool, arg, expected, tmp_path, capsys
     assert res.returncode == 2, err[-2000:]
     assert err.strip().splitlines() == [f"mr2ct: error: {err.strip().split('mr2ct: error: ')[-1]}"] and expected in err, err[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_full_disk_stops_training_with_one_line(tmp_path, capsys, monkeypatch):
+    """A checkpoint that does not fit on the disk: one line naming it, exit 2, no partial file left."""
+    import errno
+    import os
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    code, err = run_main("train", [*train_args(tmp_path), "multistart.starts=1"], capsys)
+    lines = [ln for ln in err.splitlines() if ln.startswith("mr2ct: error:")]
+    assert code == 2 and len(lines) == 1 and "the disk is full" in lines[0] and "Traceback" not in err, err[-2000:]
+    assert not [p for p in (tmp_path / "run").rglob("*.ckpt*")]

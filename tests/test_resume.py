@@ -15,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import run_cli, tiny
 from mr2ct.checkpoints import atomic_torch_save, safe_torch_load
+from mr2ct.errors import InputError
 from mr2ct.config import PROJECT_ROOT
 from mr2ct.train import train
 from mr2ct.training.resume import resume_argv
@@ -178,6 +179,31 @@ def test_atomic_save_never_leaves_a_partial_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", exploding_save)
     with pytest.raises(KeyboardInterrupt):
+        atomic_torch_save({"w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(safe_torch_load(path)["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["x.ckpt"]
+
+
+def test_a_full_disk_is_reported_and_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    """torch reports a full disk as "unexpected pos"; the user gets what happened and what is still there."""
+    import shutil
+    from collections import namedtuple
+
+    path = tmp_path / "x.ckpt"
+    atomic_torch_save({"w": torch.ones(3)}, path)
+
+    def full_disk_save(obj, f, *a, **k):
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 313998144 vs 313998036")
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(2**40, 2**40, 2**20))
+    with pytest.raises(InputError, match=r"x.ckpt: the disk is full \(1 MiB free after writing 0 MiB.*previous file is unchanged.*resume"):
+        atomic_torch_save({"w": torch.zeros(3)}, path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(2**40, 0, 2**40))  # room left: some other failure
+    with pytest.raises(RuntimeError, match="unexpected pos"):
         atomic_torch_save({"w": torch.zeros(3)}, path)
     monkeypatch.undo()
     assert torch.equal(safe_torch_load(path)["w"], torch.ones(3))

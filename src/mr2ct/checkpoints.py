@@ -12,9 +12,11 @@ classes of :mod:`mr2ct.nets`: a file can neither unpickle code nor name an arbit
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
+import shutil
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,13 +33,25 @@ FORMAT = "mr2ct-generators"
 KEPT_DATA_KEYS = ("_target_", "orientation", "spacing", "ct_window", "mri_percentiles", "patch_size")
 
 
+#: free space below which a failed checkpoint write is reported as a full disk
+DISK_FULL_BYTES = 64 * 2**20
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return DISK_FULL_BYTES  # unknown: not reported as full
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` that never leaves a partial file at ``path``.
 
     Lightning's own ``_atomic_save`` stages the bytes in a ``tempfile`` (usually /tmp) and then
     ``shutil.move``s it: across file systems that move is a copy into the final path, which a kill
     can truncate. Here the temp file sits beside the target, is fsynced, and ``os.replace`` swaps it
-    in (atomic on POSIX); a killed writer leaves at most a stray ``.tmp`` file.
+    in (atomic on POSIX); a killed writer leaves at most a stray ``.tmp`` file. A full disk raises
+    :class:`InputError` (one line from the tools) and removes the partial temp file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,6 +62,16 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        # torch's zip writer reports a full disk as "unexpected pos": read the disk before the temp file frees it
+        if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or _free_bytes(path.parent) < DISK_FULL_BYTES:
+            written = tmp.stat().st_size if tmp.exists() else 0
+            raise InputError(
+                f"{path}: the disk is full ({_free_bytes(path.parent) / 2**20:.0f} MiB free after writing "
+                f"{written / 2**20:.0f} MiB of this checkpoint); {'the previous file is unchanged' if path.exists() else 'nothing was written'}"
+                "; free space and resume with ckpt=<the run folder>"
+            ) from err
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     try:  # make the rename itself durable
