@@ -64,14 +64,15 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         os.replace(tmp, path)
     except (OSError, RuntimeError) as err:
         # torch's zip writer reports a full disk as "unexpected pos": read the disk before the temp file frees it
-        if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or _free_bytes(path.parent) < DISK_FULL_BYTES:
-            written = tmp.stat().st_size if tmp.exists() else 0
-            raise InputError(
-                f"{path}: the disk is full ({_free_bytes(path.parent) / 2**20:.0f} MiB free after writing "
-                f"{written / 2**20:.0f} MiB of this checkpoint); {'the previous file is unchanged' if path.exists() else 'nothing was written'}"
-                "; free space and resume with ckpt=<the run folder>"
-            ) from err
-        raise
+        free = _free_bytes(path.parent)
+        if getattr(err, "errno", None) not in (errno.ENOSPC, errno.EDQUOT) and free >= DISK_FULL_BYTES:
+            raise
+        written = tmp.stat().st_size if tmp.exists() else 0
+        kept = "the previous file is unchanged" if path.exists() else "nothing was written"
+        raise InputError(
+            f"{path}: the disk is full ({free / 2**20:.0f} MiB free after writing {written / 2**20:.0f} MiB of this "
+            f"checkpoint); {kept}; free space and resume with ckpt=<the run folder>"
+        ) from err
     finally:
         tmp.unlink(missing_ok=True)
     try:  # make the rename itself durable

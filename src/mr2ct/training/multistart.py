@@ -114,7 +114,6 @@ def start_config(cfg: DictConfig, seed: int, folder: Path, epochs: int) -> DictC
     sub.trainer.check_val_every_n_epoch = epochs
     if "model_checkpoint" in (sub.get("callbacks") or {}):
         # a start validates once, at its end, so its best checkpoint would be a second copy of last.ckpt
-        # (~0.3 GB each for unet_updated: eight starts filled 5 GB)
         sub.callbacks.model_checkpoint.save_top_k = 0
     return sub
 
