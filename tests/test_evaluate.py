@@ -60,7 +60,11 @@ def test_evaluate_cli_on_the_phantom_test_split(trained, tmp_path):
     assert summary["collapse"]["from_blocks"] and summary["collapse"]["n"] == 4.0  # one volume cut into Z-blocks
 
 
-def test_evaluate_on_paired_nifti_folders_without_bone_masks(trained, tmp_path):
+def test_evaluate_on_paired_nifti_folders_without_bone_masks(trained, tmp_path, monkeypatch):
+    import mr2ct.evaluate as tool
+
+    heap = []
+    monkeypatch.setattr(tool, "fixed_mmap_threshold", lambda: heap.append(1) or True)
     out, _ = trained
     for folder in ("mri", "ct"):
         (tmp_path / folder).mkdir()
@@ -82,6 +86,7 @@ def test_evaluate_on_paired_nifti_folders_without_bone_masks(trained, tmp_path):
     HydraConfig.instance().set_config(cfg)
     summary = evaluate(cfg)
     GlobalHydra.instance().clear()
+    assert heap == [1]  # on CPU, as translate does (bounded_heap=true)
     assert summary["n_cases"] == 2 and set(summary["metrics"]) == {"mae", "psnr", "ssim", "dice", "dice_mri"}
     rows = {r["case"]: r for r in csv.DictReader(open(tmp_path / "eval" / "metrics.csv"))}
     # the figures are those of the written synthetic CT against the real CT (bone: segment(real CT), no masks given)

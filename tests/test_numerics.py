@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -114,3 +116,25 @@ def test_train_records_the_resolved_numerics(tmp_path, train_cfg):
     assert info["numerics"]["precision"] == ckpt["mr2ct_config"]["trainer"]["precision"] != "auto"
     assert info["numerics"]["memory_format"] == ckpt["mr2ct_config"]["model"]["memory_format"] != "auto"
     assert OmegaConf.select(cfg, "trainer.precision") != "auto"
+
+
+HEAP_PROBE = """
+import json, sys, torch
+from mr2ct.numerics import fixed_mmap_threshold
+from mr2ct.profiling.memory import current_rss
+fixed = fixed_mmap_threshold() if sys.argv[1] == "fixed" else False
+torch.empty(8 << 18).fill_(1)  # 8 MiB, freed at once: glibc's sliding threshold rises to it
+before = current_rss()
+block = torch.empty(7 << 18).fill_(1)  # 7 MiB: from the heap unless the threshold is fixed
+del block
+print(json.dumps({"fixed": fixed, "kept_mib": (current_rss() - before) / 2**20}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_fixed_mmap_threshold_hands_freed_activations_back():
+    got = {mode: json.loads(subprocess.run([sys.executable, "-c", HEAP_PROBE, mode], capture_output=True, text=True, check=True).stdout)
+           for mode in ("glibc", "fixed")}
+    assert got["fixed"]["fixed"] is True
+    assert got["glibc"]["kept_mib"] > 6, got  # the default keeps the freed block resident in its heap
+    assert got["fixed"]["kept_mib"] < 1, got

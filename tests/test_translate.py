@@ -214,3 +214,17 @@ def test_intensity_pipeline_is_percentile_scaling_in_and_hu_out(mri):
     ct = np.clip(mri * 3 - 1000, -1024, 3000).astype(np.float32)
     back = translate_array(_Identity(), ct, ras, prep, [16, 16, 16], direction="b2a", overlap=0.5)
     np.testing.assert_allclose(back, (ct + 1024) / 4024 * 2 - 1, atol=1e-4)  # CT window in, normalised units out
+
+
+def test_cpu_translation_bounds_the_heap_unless_told_not_to(ckpt, mri, tmp_path, monkeypatch):
+    import mr2ct.translate as tool
+
+    calls = []
+    monkeypatch.setattr(tool, "fixed_mmap_threshold", lambda: calls.append(1) or True)
+    src = tmp_path / "mri.nii.gz"
+    nib.save(nib.Nifti1Image(mri, np.eye(4)), src)
+    for flag, expected in (("true", 1), ("false", 0)):
+        calls.clear()
+        run(_cfg([f"ckpt={ckpt}", f"input={src}", f"output={tmp_path / f'sct_{flag}.nii.gz'}", "progress=false", "device=cpu", f"bounded_heap={flag}"]))
+        assert len(calls) == expected, flag
+    GlobalHydra.instance().clear()

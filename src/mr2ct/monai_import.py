@@ -3,9 +3,9 @@
 ``import monai`` (and so any ``from monai.x import y``) imports every MONAI submodule, and each of them
 imports at module level whatever optional package it could use if installed. With the ``test`` / ``mlflow`` /
 ``search`` extras present, that pulls Optuna (auto3dseg's HPO), MLflow (its MLFlowHandler), pandas (CSV
-datasets) and matplotlib (visualize); with the base install, SciPy's signal and statistics modules (ultrasound
-confidence maps) and TensorBoard (Ignite handlers): in every process that reads a volume, ~0.13 GB of resident
-memory and ~3 s of start-up, none of it used (README, "Memory and speed").
+datasets) and matplotlib (visualize); with the base install, SciPy's signal, statistics, sparse, optimisation
+and spatial modules and TensorBoard (Ignite handlers): resident memory and start-up time in every process that
+reads a volume, none of it used (figures: README, "Memory and speed").
 
 :func:`install` puts a finder in front of ``sys.meta_path`` that refuses :data:`SKIPPED` to MONAI's own
 modules while ``monai/__init__`` is still running, the same answer MONAI gets on a base install
@@ -23,8 +23,10 @@ from types import ModuleType
 
 #: modules MONAI's import-time scan does not get (mr2ct uses none of the MONAI features needing them): full
 #: dotted names as MONAI asks for them. scipy.signal (with scipy.stats behind it) serves only the ultrasound
-#: confidence map and the 1-D signal transforms; TensorBoard only MONAI's Ignite handlers and image summaries.
-SKIPPED = frozenset({"optuna", "mlflow", "pandas", "matplotlib", "scipy.signal", "tensorboard", "torch.utils.tensorboard"})
+#: confidence map and the 1-D signal transforms, scipy.sparse that map and DiNTS, scipy.optimize panoptic
+#: quality, scipy.spatial the sub-voxel surface distances; TensorBoard only MONAI's Ignite handlers and image
+#: summaries.
+SKIPPED = frozenset({"optuna", "mlflow", "pandas", "matplotlib", "scipy.signal", "scipy.optimize", "scipy.sparse", "scipy.spatial", "tensorboard", "torch.utils.tensorboard"})
 
 
 def _monai_initialising() -> bool:

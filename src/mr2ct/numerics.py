@@ -65,6 +65,30 @@ def malloc_trim() -> Callable[[int], int] | None:
         return None
 
 
+#: glibc ``mallopt`` parameter number of M_MMAP_THRESHOLD (malloc.h)
+_M_MMAP_THRESHOLD = -3
+
+
+def fixed_mmap_threshold(nbytes: int = 1 << 20) -> bool:
+    """Have glibc serve every allocation of ``nbytes`` or more from its own mapping, returned to the OS when freed.
+
+    By default glibc raises this threshold to the size of each large block freed (up to 32 MiB), so a
+    forward pass's activations of a few MiB end up in the heap, where blocks of differing sizes fragment it
+    and the process's resident size keeps the high-water mark of every hole. A fixed threshold keeps the
+    peak near what is live, for the page faults of fresh mappings. Process-wide; False where the C
+    library has no ``mallopt`` (musl, macOS, Windows).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt if name else None
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt and mallopt(_M_MMAP_THRESHOLD, int(nbytes)))
+
+
 def bf16_fast(device: torch.device) -> bool:
     """Whether ``device`` runs bf16 convolutions natively (else autocast would emulate them, very slowly)."""
     if device.type == "cuda":
