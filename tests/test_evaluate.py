@@ -61,10 +61,10 @@ def test_evaluate_cli_on_the_phantom_test_split(trained, tmp_path):
 
 
 def test_evaluate_on_paired_nifti_folders_without_bone_masks(trained, tmp_path, monkeypatch):
-    import mr2ct.evaluate as tool
+    import mr2ct.inference
 
     heap = []
-    monkeypatch.setattr(tool, "fixed_mmap_threshold", lambda: heap.append(1) or True)
+    monkeypatch.setattr(mr2ct.inference, "fixed_mmap_threshold", lambda: heap.append(1) or True)
     out, _ = trained
     for folder in ("mri", "ct"):
         (tmp_path / folder).mkdir()

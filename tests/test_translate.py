@@ -217,10 +217,10 @@ def test_intensity_pipeline_is_percentile_scaling_in_and_hu_out(mri):
 
 
 def test_cpu_translation_bounds_the_heap_unless_told_not_to(ckpt, mri, tmp_path, monkeypatch):
-    import mr2ct.translate as tool
+    import mr2ct.inference
 
     calls = []
-    monkeypatch.setattr(tool, "fixed_mmap_threshold", lambda: calls.append(1) or True)
+    monkeypatch.setattr(mr2ct.inference, "fixed_mmap_threshold", lambda: calls.append(1) or True)
     src = tmp_path / "mri.nii.gz"
     nib.save(nib.Nifti1Image(mri, np.eye(4)), src)
     for flag, expected in (("true", 1), ("false", 0)):

@@ -39,8 +39,7 @@ from mr2ct.evaluation.metrics import case_metrics
 from mr2ct.evaluation.pictures import case_figure, summary_figure
 from mr2ct.evaluation.segmentation import segment_bone, segment_params
 from mr2ct.formats import write_volume
-from mr2ct.inference import inference_numerics, place_generator, resolve_device, translate_volume
-from mr2ct.numerics import fixed_mmap_threshold
+from mr2ct.inference import bound_cpu_heap, inference_numerics, place_generator, resolve_device, translate_volume
 
 log = logging.getLogger("mr2ct.evaluate")
 
@@ -94,8 +93,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Translate and score every case of the paired split; returns the summary (also written to disk)."""
     out_dir = Path(cfg.paths.output_dir)
     device = resolve_device(str(cfg.device))
-    if device.type == "cpu" and cfg.get("bounded_heap", True):
-        fixed_mmap_threshold()
+    bound_cpu_heap(device, cfg.get("bounded_heap", True))
     generator, run_config = load_generator(cfg.ckpt, "a2b")
     precision, memory_format = inference_numerics(run_config, device, str(cfg.precision), str(cfg.memory_format), cfg.ckpt)
     generator = place_generator(generator, device, memory_format)

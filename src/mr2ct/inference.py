@@ -23,7 +23,7 @@ from monai.transforms import Compose, Orientation, ScaleIntensityRangePercentile
 from torch import nn
 
 from mr2ct.data.transforms import hu_to_unit, unit_to_hu
-from mr2ct.numerics import bf16_fast
+from mr2ct.numerics import bf16_fast, fixed_mmap_threshold
 
 log = logging.getLogger("mr2ct.inference")
 #: what ``memory_format`` may say for a translation ("auto": :class:`LayoutChooser`)
@@ -219,6 +219,12 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device} but no CUDA device is available (use device=cpu)")
     return dev
+
+
+def bound_cpu_heap(device: torch.device, enabled: bool = True) -> bool:
+    """The tools' ``bounded_heap``: on CPU, :func:`mr2ct.numerics.fixed_mmap_threshold` for this process, so the
+    windows' freed activations go back to the OS; whether it was set."""
+    return device.type == "cpu" and bool(enabled) and fixed_mmap_threshold()
 
 
 @torch.no_grad()

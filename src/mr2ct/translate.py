@@ -39,8 +39,7 @@ from mr2ct.evaluation.segmentation import segment_bone, segment_params
 from mr2ct.formats import (
     NIFTI_SUFFIXES, READ_SUFFIXES, SERIES_SEP, WRITE_SUFFIXES, dicom_series, is_dicom_folder, list_volumes, nifti_header, output_suffix, read_volume, volume_stem, volume_suffix, write_volume,
 )
-from mr2ct.inference import Preprocessing, inference_numerics, resolve_device, translate_array
-from mr2ct.numerics import fixed_mmap_threshold
+from mr2ct.inference import Preprocessing, bound_cpu_heap, inference_numerics, resolve_device, translate_array
 
 
 
@@ -113,8 +112,7 @@ def run(cfg: DictConfig) -> list[Path]:
         more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
         raise FileExistsError(f"output exists: {existing[0]}{more} (pass overwrite=true to replace)")
     device = resolve_device(str(cfg.device))
-    if device.type == "cpu" and cfg.get("bounded_heap", True):
-        fixed_mmap_threshold()
+    bound_cpu_heap(device, cfg.get("bounded_heap", True))
     generator, run_config = load_generator(cfg.ckpt, cfg.direction)
     precision, memory_format = inference_numerics(run_config, device, str(cfg.precision), str(cfg.memory_format), cfg.ckpt)
     prep = Preprocessing.from_run_config(run_config, OmegaConf.to_container(cfg.spacing) if OmegaConf.is_config(cfg.spacing) else cfg.spacing)

@@ -125,15 +125,13 @@ def _measure_translate(
     run's numerics (:func:`mr2ct.inference.inference_numerics`), sliding windows stitched on the CPU."""
     from hydra.utils import instantiate
 
-    from mr2ct.inference import inference_numerics, translate_volume
+    from mr2ct.inference import bound_cpu_heap, inference_numerics, translate_volume
     from mr2ct.nets import init_weights
-    from mr2ct.numerics import fixed_mmap_threshold
 
     cfg = compose(overrides)
     runtime = current_rss()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu" and bounded_heap:
-        fixed_mmap_threshold()
+    bound_cpu_heap(device, bounded_heap)
     precision, memory_format = inference_numerics(OmegaConf.to_container(cfg, resolve=True), device)
     fmt = torch.channels_last_3d if memory_format == "channels_last" else torch.contiguous_format
     net = init_weights(instantiate(cfg.generator)(), str(cfg.model.init_type), float(cfg.model.init_gain)).to(device, memory_format=fmt).eval()
