@@ -71,7 +71,7 @@ CONFIGS: dict[str, str] = {
     "paired100": "loss=+paired data.paired_fraction=1.0",
     # semi-paired with the true CT's bone (> 200 HU) counted five times in the paired term
     "paired25_bone": "loss=+paired data.paired_fraction=0.25 loss.paired.bone_weight=4",
-    "cpu_30min": "experiment=cpu_30min trainer.max_time=null",  # give budget_min >= 35
+    "cpu_30min": "experiment=cpu_30min",  # budget_min=30: the preset's own budget, its schedule fitted to it
     # the design command's generator, without and with the instance norm of its one-channel top block
     "unet_updated": "generator=unet_updated generator.top_norm=false",
     "unet_updated_top_norm": "generator=unet_updated generator.top_norm=true",  # MONAI's layout, the old default

@@ -53,3 +53,36 @@ def test_only_whole_schedules_under_a_budget_are_forecast(monkeypatch, max_epoch
     for _ in range(2):
         cb.on_train_epoch_end(trainer, SimpleNamespace(hparams={"n_epochs": 4, "n_epochs_decay": 2}))
     assert (cb.forecast is not None) == forecast_made
+
+
+def test_a_fitted_schedule_ends_in_the_time_left_and_never_raises_the_rate():
+    from mr2ct.model.cyclegan import linear_decay
+    from mr2ct.training.budget import fitted_schedule
+
+    assert fitted_schedule(60, 40, epochs_done=10, seconds_per_epoch=10.0, seconds_left=1000.0) == (60, 40)  # 90 of 95 fit
+    assert fitted_schedule(60, 40, epochs_done=10, seconds_per_epoch=10.0, seconds_left=600.0) == (40, 27)  # 57 epochs fit
+    for done, left in itertools.product([1, 10, 59, 60, 75, 99], [0.0, 10.0, 300.0, 600.0, 5000.0]):
+        n, d = fitted_schedule(60, 40, done, 10.0, left)
+        assert n + d <= max(done + 1, done + left // 10.0) or (n, d) == (60, 40)
+        assert linear_decay(n, d)(done) <= linear_decay(60, 40)(done) + 1e-12, (done, left)
+        assert linear_decay(n, d)(n + d) == 0.0
+
+
+def test_fit_shortens_the_run_so_the_rate_reaches_zero_within_the_budget(train_cfg, monkeypatch):
+    """The run above (6 epochs timed at 100 s, a 5-minute budget) with fit: after 2 epochs, 2 more fit, so the
+    schedule becomes 3 constant + 1 decaying epochs; the run stops after epoch 4 with the rate at zero."""
+    import torch
+
+    clock = itertools.count(0.0, 100.0)
+    monkeypatch.setattr("mr2ct.training.budget.time", SimpleNamespace(monotonic=lambda: next(clock)))
+    cfg = train_cfg([*tiny(), "model.n_epochs=4", "model.n_epochs_decay=2", "data.patches_per_epoch=2", "multistart.starts=1",
+                     "trainer.max_time=00:00:05:00", "callbacks.schedule_budget.fit=true"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(cfg)
+    told = [str(w.message) for w in caught if "schedule fitted" in str(w.message)]
+    assert len(told) == 1 and "6 epochs -> 4 (constant rate to epoch 3, then decay over 1)" in told[0], told
+    ckpt = torch.load(f"{cfg.paths.output_dir}/checkpoints/last.ckpt", weights_only=False)
+    assert ckpt["epoch"] == 3  # 0-based: four epochs ran, not six
+    assert (ckpt["hyper_parameters"]["n_epochs"], ckpt["hyper_parameters"]["n_epochs_decay"]) == (3, 1)
+    assert all(s["_last_lr"] == [0.0] for s in ckpt["lr_schedulers"])

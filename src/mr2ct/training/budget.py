@@ -5,7 +5,10 @@ runs scored well below runs of the same configuration whose schedule ended (READ
 A preset's schedule is sized for one machine; on a slower one (a CPU without native bf16, say) the same
 preset is cut. :class:`ScheduleBudget` times the first epochs of a run and, when
 the rest of the schedule will not fit the time left, warns once with where the run will stop and the
-``data.patches_per_epoch`` that would make the schedule end in time. It changes nothing in the run.
+``data.patches_per_epoch`` that would make the schedule end in time. With ``fit=true`` it also shortens
+the schedule to what the time left holds (:func:`fitted_schedule`), so that the learning rate reaches
+zero at the budget instead of being cut while still high: a budget in minutes then means a whole
+schedule on any machine, at the cost of a step count that depends on the machine.
 """
 
 from __future__ import annotations
@@ -44,6 +47,24 @@ def forecast(
             "need_s": need, "left_s": seconds_left}
 
 
+def fitted_schedule(
+    n_epochs: int, n_epochs_decay: int, epochs_done: int, seconds_per_epoch: float, seconds_left: float, margin: float = 0.05
+) -> tuple[int, int]:
+    """``(n_epochs, n_epochs_decay)`` of a schedule that ends within ``seconds_left`` from ``epochs_done`` on.
+
+    The schedule shrinks as a whole, keeping its share of constant-rate epochs, with ``margin`` of the time
+    left kept free (the last validation and checkpoint). Epochs already done are not undone: a constant
+    phase never ends before ``epochs_done``, so the rate never rises; a run already decaying decays to zero
+    over the epochs that fit. At least one epoch more is always scheduled.
+    """
+    total = n_epochs + n_epochs_decay
+    fits = epochs_done + max(1, int((1.0 - margin) * seconds_left // seconds_per_epoch))
+    if fits >= total:
+        return n_epochs, n_epochs_decay
+    constant = min(n_epochs, max(epochs_done, round(n_epochs * fits / total)))
+    return constant, max(1, fits - constant)
+
+
 class ScheduleBudget(pl.Callback):
     """Warn once when ``trainer.max_time`` will stop the run before its LR schedule ends.
 
@@ -54,10 +75,14 @@ class ScheduleBudget(pl.Callback):
 
     Args:
         epochs: epochs to time before forecasting; ``None``: one validation period.
+        fit: also shorten the schedule to end within the time left (:func:`fitted_schedule`); the LR
+            schedulers and ``max_epochs`` follow, and the checkpoints' ``n_epochs``/``n_epochs_decay``.
     """
 
-    def __init__(self, epochs: int | None = None) -> None:
+    def __init__(self, epochs: int | None = None, fit: bool = False) -> None:
         self.epochs = None if epochs is None else max(1, int(epochs))
+        self.fit = bool(fit)
+        self.fitted: tuple[int, int] | None = None
         self.forecast: dict[str, float] | None = None
         self._marks: list[float] = []
         self._done = False
@@ -81,7 +106,12 @@ class ScheduleBudget(pl.Callback):
         per_epoch = (self._marks[-1] - self._marks[0]) / span
         done = trainer.current_epoch + 1
         self.forecast = forecast(*schedule, done, per_epoch, left)
+        if self.fit:  # every rank takes rank 0's timing: the ranks must stop at the same epoch
+            self.forecast, per_epoch = trainer.strategy.broadcast((self.forecast, per_epoch), src=0)
         if self.forecast is None:
+            return
+        if self.fit:
+            self._shorten(trainer, pl_module, fitted_schedule(*schedule, done, per_epoch, left))
             return
         f = self.forecast
         msg = (f"trainer.max_time will stop this run at about epoch {int(f['stop_epoch'])} of {total}, with the learning "
@@ -96,3 +126,17 @@ class ScheduleBudget(pl.Callback):
         else:
             msg += "; shorten model.n_epochs / model.n_epochs_decay, or give a longer trainer.max_time"
         rank_zero_warn(msg)
+
+    def _shorten(self, trainer: pl.Trainer, pl_module: pl.LightningModule, schedule: tuple[int, int]) -> None:
+        n_epochs, n_epochs_decay = schedule
+        old = _schedule(pl_module)
+        self.fitted = schedule
+        decay = linear_decay(n_epochs, n_epochs_decay)
+        for config in trainer.lr_scheduler_configs:  # LambdaLR: cyclegan.configure_optimizers
+            config.scheduler.lr_lambdas = [decay for _ in config.scheduler.lr_lambdas]
+        pl_module.hparams["n_epochs"], pl_module.hparams["n_epochs_decay"] = n_epochs, n_epochs_decay
+        trainer.fit_loop.max_epochs = n_epochs + n_epochs_decay
+        rank_zero_warn(f"schedule fitted to trainer.max_time (callbacks.schedule_budget.fit): {sum(old)} epochs -> "
+                       f"{n_epochs + n_epochs_decay} (constant rate to epoch {n_epochs}, then decay over {n_epochs_decay}), "
+                       f"so the learning rate reaches zero within the budget; at the rate timed, the rest of the "
+                       f"original schedule needed {self.forecast['need_s'] / 60:.0f} min, {self.forecast['left_s'] / 60:.0f} are left")
