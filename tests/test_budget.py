@@ -86,3 +86,26 @@ def test_fit_shortens_the_run_so_the_rate_reaches_zero_within_the_budget(train_c
     assert ckpt["epoch"] == 3  # 0-based: four epochs ran, not six
     assert (ckpt["hyper_parameters"]["n_epochs"], ckpt["hyper_parameters"]["n_epochs_decay"]) == (3, 1)
     assert all(s["_last_lr"] == [0.0] for s in ckpt["lr_schedulers"])
+
+
+def test_under_ddp_every_rank_fits_the_schedule_from_rank_zeros_timing(monkeypatch):
+    """A rank whose own clock says the schedule fits (1 s an epoch) follows rank 0 (100 s an epoch, 5 minutes
+    left): the ranks must stop at the same epoch, or the last collective hangs."""
+    from pytorch_lightning.callbacks import Timer
+
+    clock = itertools.count(0.0, 1.0)
+    monkeypatch.setattr("mr2ct.training.budget.time", SimpleNamespace(monotonic=lambda: next(clock)))
+    rank0 = (forecast(4, 2, 2, 100.0, 300.0), 100.0)
+    sent = []
+    scheduler = SimpleNamespace(lr_lambdas=[None])
+    trainer = SimpleNamespace(check_val_every_n_epoch=1, callbacks=[Timer(duration="00:00:05:00")], current_epoch=1, max_epochs=-1,
+                              max_steps=-1, datamodule=None, fit_loop=SimpleNamespace(max_epochs=6),
+                              lr_scheduler_configs=[SimpleNamespace(scheduler=scheduler)],
+                              strategy=SimpleNamespace(broadcast=lambda obj, src: sent.append((obj, src)) or rank0))
+    module = SimpleNamespace(hparams={"n_epochs": 4, "n_epochs_decay": 2})
+    cb = ScheduleBudget(fit=True)
+    for _ in range(2):
+        cb.on_train_epoch_end(trainer, module)
+    assert sent and sent[0][0][0] is None and sent[0][1] == 0  # this rank's own forecast: it fits
+    assert trainer.fit_loop.max_epochs == 4 and module.hparams == {"n_epochs": 3, "n_epochs_decay": 1}
+    assert scheduler.lr_lambdas[0](3) == 0.5 and scheduler.lr_lambdas[0](4) == 0.0
