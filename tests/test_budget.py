@@ -75,8 +75,9 @@ def test_fit_shortens_the_run_so_the_rate_reaches_zero_within_the_budget(train_c
 
     clock = itertools.count(0.0, 100.0)
     monkeypatch.setattr("mr2ct.training.budget.time", SimpleNamespace(monotonic=lambda: next(clock)))
-    cfg = train_cfg([*tiny(), "model.n_epochs=4", "model.n_epochs_decay=2", "data.patches_per_epoch=2", "multistart.starts=1",
-                     "trainer.max_time=00:00:05:00", "callbacks.schedule_budget.fit=true"])
+    cfg_overrides = [*tiny(), "model.n_epochs=4", "model.n_epochs_decay=2", "data.patches_per_epoch=2", "multistart.starts=1",
+                     "trainer.max_time=00:00:05:00", "callbacks.schedule_budget.fit=true"]
+    cfg = train_cfg(cfg_overrides)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train(cfg)
@@ -86,6 +87,11 @@ def test_fit_shortens_the_run_so_the_rate_reaches_zero_within_the_budget(train_c
     assert ckpt["epoch"] == 3  # 0-based: four epochs ran, not six
     assert (ckpt["hyper_parameters"]["n_epochs"], ckpt["hyper_parameters"]["n_epochs_decay"]) == (3, 1)
     assert all(s["_last_lr"] == [0.0] for s in ckpt["lr_schedulers"])
+    # resumed, the run keeps its fitted schedule: it is complete, where the config's 6 epochs would train 2 more
+    steps = ckpt["global_step"]
+    train(train_cfg([*cfg_overrides, "ckpt=last"]))
+    ckpt = torch.load(f"{cfg.paths.output_dir}/checkpoints/last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == steps and ckpt["hyper_parameters"]["n_epochs"] == 3
 
 
 def test_under_ddp_every_rank_fits_the_schedule_from_rank_zeros_timing(monkeypatch):

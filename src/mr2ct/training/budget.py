@@ -89,6 +89,19 @@ class ScheduleBudget(pl.Callback):
         self._marks: list[float] = []
         self._done = False
 
+    def state_dict(self) -> dict[str, list[int] | None]:
+        return {"fitted": None if self.fitted is None else list(self.fitted)}
+
+    def load_state_dict(self, state_dict: dict[str, list[int] | None]) -> None:
+        fitted = state_dict.get("fitted")
+        self.fitted = None if fitted is None else (int(fitted[0]), int(fitted[1]))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # a resumed fitted run: its model and trainer come from the config's full schedule, which would
+        # raise the rate again; the checkpoint's fitted schedule applies (and may shrink further below)
+        if self.fitted is not None:
+            self._apply(trainer, pl_module, self.fitted)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._done:
             return
@@ -129,15 +142,19 @@ class ScheduleBudget(pl.Callback):
             msg += "; shorten model.n_epochs / model.n_epochs_decay, or give a longer trainer.max_time"
         rank_zero_warn(msg)
 
-    def _shorten(self, trainer: pl.Trainer, pl_module: pl.LightningModule, schedule: tuple[int, int]) -> None:
+    def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, schedule: tuple[int, int]) -> None:
         n_epochs, n_epochs_decay = schedule
-        old = _schedule(pl_module)
         self.fitted = schedule
         decay = linear_decay(n_epochs, n_epochs_decay)
         for config in trainer.lr_scheduler_configs:  # LambdaLR: cyclegan.configure_optimizers
             config.scheduler.lr_lambdas = [decay for _ in config.scheduler.lr_lambdas]
         pl_module.hparams["n_epochs"], pl_module.hparams["n_epochs_decay"] = n_epochs, n_epochs_decay
         trainer.fit_loop.max_epochs = n_epochs + n_epochs_decay
+
+    def _shorten(self, trainer: pl.Trainer, pl_module: pl.LightningModule, schedule: tuple[int, int]) -> None:
+        n_epochs, n_epochs_decay = schedule
+        old = _schedule(pl_module)
+        self._apply(trainer, pl_module, schedule)
         rank_zero_warn(f"schedule fitted to trainer.max_time (callbacks.schedule_budget.fit): {sum(old)} epochs -> "
                        f"{n_epochs + n_epochs_decay} (constant rate to epoch {n_epochs}, then decay over {n_epochs_decay}), "
                        f"so the learning rate reaches zero within the budget; at the rate timed, the rest of the "
