@@ -92,6 +92,10 @@ def test_fit_shortens_the_run_so_the_rate_reaches_zero_within_the_budget(train_c
     train(train_cfg([*cfg_overrides, "ckpt=last"]))
     ckpt = torch.load(f"{cfg.paths.output_dir}/checkpoints/last.ckpt", weights_only=False)
     assert ckpt["global_step"] == steps and ckpt["hyper_parameters"]["n_epochs"] == 3
+    # a resume that asks for another schedule gets it, as any resume does: 2 + 6 epochs, 4 more to train
+    train(train_cfg([*cfg_overrides, "ckpt=last", "model.n_epochs=2", "model.n_epochs_decay=6", "trainer.max_time=null"]))
+    ckpt = torch.load(f"{cfg.paths.output_dir}/checkpoints/last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 2 * steps and ckpt["hyper_parameters"]["n_epochs_decay"] == 6
 
 
 def test_under_ddp_every_rank_fits_the_schedule_from_rank_zeros_timing(monkeypatch):

@@ -48,6 +48,14 @@ def forecast(
             "need_s": need, "left_s": seconds_left}
 
 
+def _listed(schedule: tuple[int, int] | None) -> list[int] | None:
+    return None if schedule is None else list(schedule)
+
+
+def _paired(schedule: list[int] | None) -> tuple[int, int] | None:
+    return None if schedule is None else (int(schedule[0]), int(schedule[1]))
+
+
 def fitted_schedule(
     n_epochs: int, n_epochs_decay: int, epochs_done: int, seconds_per_epoch: float, seconds_left: float, margin: float = 0.05
 ) -> tuple[int, int]:
@@ -77,29 +85,31 @@ class ScheduleBudget(pl.Callback):
     Args:
         epochs: epochs to time before forecasting; ``None``: one validation period.
         fit: also shorten the schedule to end within the time left (:func:`fitted_schedule`), instead of
-            only warning; the LR
-            schedulers and ``max_epochs`` follow, and the checkpoints' ``n_epochs``/``n_epochs_decay``.
+            only warning; the LR schedulers and ``max_epochs`` follow, and the checkpoints'
+            ``n_epochs``/``n_epochs_decay``. A resumed run keeps the fitted schedule unless its config
+            changes the schedule it was fitted from.
     """
 
     def __init__(self, epochs: int | None = None, fit: bool = False) -> None:
         self.epochs = None if epochs is None else max(1, int(epochs))
         self.fit = bool(fit)
         self.fitted: tuple[int, int] | None = None
+        self._fitted_from: tuple[int, int] | None = None
         self.forecast: dict[str, float] | None = None
         self._marks: list[float] = []
         self._done = False
 
     def state_dict(self) -> dict[str, list[int] | None]:
-        return {"fitted": None if self.fitted is None else list(self.fitted)}
+        return {"fitted": _listed(self.fitted), "fitted_from": _listed(self._fitted_from)}
 
     def load_state_dict(self, state_dict: dict[str, list[int] | None]) -> None:
-        fitted = state_dict.get("fitted")
-        self.fitted = None if fitted is None else (int(fitted[0]), int(fitted[1]))
+        self.fitted, self._fitted_from = _paired(state_dict.get("fitted")), _paired(state_dict.get("fitted_from"))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # a resumed fitted run: its model and trainer come from the config's full schedule, which would
-        # raise the rate again; the checkpoint's fitted schedule applies (and may shrink further below)
-        if self.fitted is not None:
+        # raise the rate again, so the fitted one applies (and may shrink further below) -- unless the
+        # resume asks for another schedule (model.n_epochs / n_epochs_decay changed), which wins as on any resume
+        if self.fitted is not None and _schedule(pl_module) == self._fitted_from:
             self._apply(trainer, pl_module, self.fitted)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -154,6 +164,7 @@ class ScheduleBudget(pl.Callback):
     def _shorten(self, trainer: pl.Trainer, pl_module: pl.LightningModule, schedule: tuple[int, int]) -> None:
         n_epochs, n_epochs_decay = schedule
         old = _schedule(pl_module)
+        self._fitted_from = old
         self._apply(trainer, pl_module, schedule)
         rank_zero_warn(f"schedule fitted to trainer.max_time (callbacks.schedule_budget.fit): {sum(old)} epochs -> "
                        f"{n_epochs + n_epochs_decay} (constant rate to epoch {n_epochs}, then decay over {n_epochs_decay}), "
