@@ -119,3 +119,24 @@ def test_under_ddp_every_rank_fits_the_schedule_from_rank_zeros_timing(monkeypat
     assert sent and sent[0][0][0] is None and sent[0][1] == 0  # this rank's own forecast: it fits
     assert trainer.fit_loop.max_epochs == 4 and module.hparams == {"n_epochs": 3, "n_epochs_decay": 1}
     assert scheduler.lr_lambdas[0](3) == 0.5 and scheduler.lr_lambdas[0](4) == 0.0
+
+
+def test_a_run_fitted_twice_resumes_from_its_last_fit():
+    """Fitted (4 + 2 -> 3 + 1), resumed, fitted again (-> 2 + 1): a second resume of the same config applies 2 + 1."""
+    def fake() -> tuple[SimpleNamespace, SimpleNamespace]:
+        trainer = SimpleNamespace(fit_loop=SimpleNamespace(max_epochs=6),
+                                  lr_scheduler_configs=[SimpleNamespace(scheduler=SimpleNamespace(lr_lambdas=[None]))])
+        return trainer, SimpleNamespace(hparams={"n_epochs": 4, "n_epochs_decay": 2})
+
+    first = ScheduleBudget(fit=True)
+    first.load_state_dict({"fitted": [3, 1], "fitted_from": [4, 2]})
+    trainer, module = fake()
+    first.on_train_start(trainer, module)
+    assert trainer.fit_loop.max_epochs == 4
+    first.forecast = {"need_s": 60.0, "left_s": 30.0}
+    first._shorten(trainer, module, (2, 1))
+    second = ScheduleBudget(fit=True)
+    second.load_state_dict(first.state_dict())
+    trainer, module = fake()
+    second.on_train_start(trainer, module)
+    assert trainer.fit_loop.max_epochs == 3 and module.hparams == {"n_epochs": 2, "n_epochs_decay": 1}

@@ -111,6 +111,8 @@ class ScheduleBudget(pl.Callback):
         # resume asks for another schedule (model.n_epochs / n_epochs_decay changed), which wins as on any resume
         if self.fitted is not None and _schedule(pl_module) == self._fitted_from:
             self._apply(trainer, pl_module, self.fitted)
+        else:
+            self.fitted = self._fitted_from = None
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._done:
@@ -164,7 +166,8 @@ class ScheduleBudget(pl.Callback):
     def _shorten(self, trainer: pl.Trainer, pl_module: pl.LightningModule, schedule: tuple[int, int]) -> None:
         n_epochs, n_epochs_decay = schedule
         old = _schedule(pl_module)
-        self._fitted_from = old
+        if self._fitted_from is None:  # a second fit after a resume: still measured from the config's schedule
+            self._fitted_from = old
         self._apply(trainer, pl_module, schedule)
         rank_zero_warn(f"schedule fitted to trainer.max_time (callbacks.schedule_budget.fit): {sum(old)} epochs -> "
                        f"{n_epochs + n_epochs_decay} (constant rate to epoch {n_epochs}, then decay over {n_epochs_decay}), "
