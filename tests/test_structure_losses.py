@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from mr2ct.data.phantom import make_phantom
 from mr2ct.losses import CycleLoss, MINDLoss, PairedLoss, mind_ssc
-from mr2ct.losses.mind import SSC_PAIRS
+from mr2ct.losses.mind import SSC_PAIRS, _gaussian_blur
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,29 @@ def test_mind_loss_masked_and_differentiable(mri):
     # the masked mean is the mean over the mask's voxels only
     full = (mind_ssc(fake.detach(), 1.0) - mind_ssc(mri, 1.0)).abs()
     assert torch.allclose(inside, full[:, :, 8:16, 8:16, 8:24].mean(), atol=1e-6)
+
+
+def _blur_reference(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The descriptor's blur written as the definition reads: a 3D Gaussian (2 sigma) over the replicate-padded volume."""
+    r = int(np.ceil(2 * sigma))
+    t = torch.arange(-r, r + 1, dtype=torch.float64)
+    g = torch.exp(-0.5 * (t / sigma) ** 2)
+    kernel = (g[:, None, None] * g[None, :, None] * g[None, None, :]) / g.sum() ** 3
+    n, c = x.shape[:2]
+    padded = F.pad(x.double().reshape(n * c, 1, *x.shape[2:]), [r] * 6, mode="replicate")
+    return F.conv3d(padded, kernel[None, None]).reshape(x.shape).float()
+
+
+@pytest.mark.parametrize("sigma", [1.0, 1.5, 2.0])
+def test_descriptor_blur_is_the_replicate_padded_gaussian(sigma):
+    x = torch.randn(2, 3, 9, 12, 14)
+    assert torch.allclose(_gaussian_blur(x, sigma), _blur_reference(x, sigma), atol=1e-5)
+
+
+def test_descriptor_is_computed_in_fp32_under_autocast(mri):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        d = mind_ssc(mri, sigma=2.0)
+    assert d.dtype == torch.float32 and torch.allclose(d, mind_ssc(mri, sigma=2.0), atol=1e-6)
 
 
 def test_mind_of_a_constant_volume_is_finite():
