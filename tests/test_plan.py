@@ -78,3 +78,10 @@ def test_plan_counts_the_weights_moving_average():
     for a, b in zip(with_ema, without):
         assert (a["state_gb"] - b["state_gb"]) * P.GB == pytest.approx(weights, rel=1e-6)
         assert (a["tensor_peak_gb"] - b["tensor_peak_gb"]) * P.GB == pytest.approx(weights, rel=1e-6)
+
+
+def test_plan_counts_the_structure_loss():
+    """MIND's descriptors are traced with the step (meta device): more FLOPs and activations than without it."""
+    base = ["generator=resnet3d_2blk", "generator.ngf=8", "data.patch_size=[16,16,16]"]
+    plain, mind = P.trace_step(P.compose(base)), P.trace_step(P.compose([*base, "loss=+mind"]))
+    assert mind["flops"] > plain["flops"] and mind["act"] > plain["act"]

@@ -10,6 +10,7 @@ while leaving the generator free to change contrast (structure-constrained Cycle
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from itertools import combinations
@@ -85,7 +86,9 @@ def mind_ssc(x: Tensor, sigma: float = 2.0, dilation: int = 1, eps: float = 1e-6
     d = int(dilation)
     if d < 1 or min(spatial) <= d:
         raise ValueError(f"dilation must be >= 1 and smaller than every spatial size {tuple(spatial)}, got {dilation}")
-    with torch.autocast(x.device.type, enabled=False):  # the same descriptor whatever the training precision
+    # the same descriptor whatever the training precision (the planner's meta device has no autocast to leave)
+    fp32 = torch.autocast(x.device.type, enabled=False) if torch.amp.is_autocast_available(x.device.type) else contextlib.nullcontext()
+    with fp32:
         return _mind_ssc_fp32(x.reshape(b * c, 1, *spatial).float(), sigma, d, eps).reshape(b, c * len(SSC_PAIRS), *spatial)
 
 
