@@ -11,7 +11,8 @@ warm-up step), ``threads`` (0 = torch's default), ``savers`` (comma list of name
 compile; several joined by +, e.g. split+ckpt+bf16_state), ``translate`` (XxYxZ volume, ``none`` to skip), ``window`` (XxYxZ, default the patch),
 ``peer`` (true: generator=resnet3d_9blk, PatchGAN 3 layers/64 filters, no identity, patch 32x64x64, batch 1,
 translation of 64x128x128), ``out`` (JSON path), ``ceiling`` (edge of the ceiling conv's cube, default 64;
-smaller only for smoke tests). Any ``a.b=c`` is passed to the train config as an override.
+smaller only for smoke tests). Any ``a.b=c``, ``loss=...`` or ``discriminator=...`` is passed to the train config as an
+override (``loss=+mind``: the step with the MIND term).
 Each configuration runs in a fresh process (peak RSS is its own). Prints a table; writes JSON.
 """
 
@@ -29,6 +30,8 @@ from mr2ct import profiling as P
 from mr2ct.errors import ConfigError
 from mr2ct.numerics import bf16_fast
 
+#: config groups passed through as overrides like any a.b=c (generator is a key of its own: a list to compare)
+GROUPS = ("loss", "discriminator")
 PEER = ["discriminator=patchgan", "discriminator.ndf=64", "discriminator.n_layers=3", "loss=[adversarial,cycle]",
         "generator.padding_mode=replicate"]
 
@@ -51,7 +54,7 @@ def main(argv: list[str]) -> dict:
     extra, given = [], set()
     for a in argv:
         key, _, val = a.partition("=")
-        if "." in key or key.startswith(("+", "~")):
+        if "." in key or key.startswith(("+", "~")) or key in GROUPS:
             extra.append(a)
         elif key in args:
             args[key] = val

@@ -71,7 +71,8 @@ CONFIGS: dict[str, str] = {
     "paired100": "loss=+paired data.paired_fraction=1.0",
     # semi-paired with the true CT's bone (> 200 HU) counted five times in the paired term
     "paired25_bone": "loss=+paired data.paired_fraction=0.25 loss.paired.bone_weight=4",
-    "cpu_30min": "experiment=cpu_30min",  # budget_min=30: the preset's own budget
+    "cpu_30min": "experiment=cpu_30min",  # budget_min=30: the preset's own budget (with MIND since 2026-12-07)
+    "cpu_30min_plain": "experiment=cpu_30min loss=[default]",  # the preset before MIND joined it
     "cpu_30min_fit": "experiment=cpu_30min callbacks.schedule_budget.fit=true",  # its schedule fitted to the budget
     # the design command's generator, without and with the instance norm of its one-channel top block
     "unet_updated": "generator=unet_updated generator.top_norm=false",

@@ -78,6 +78,13 @@ def test_experiment_presets_compose(train_cfg, preset):
     assert cfg.trainer.max_epochs == cfg.model.n_epochs + cfg.model.n_epochs_decay
 
 
+def test_cpu_preset_carries_the_structure_term_and_can_drop_it(train_cfg):
+    """experiment=cpu_30min includes MIND (measured in the README); loss=[default] on top removes it."""
+    c = train_cfg(["experiment=cpu_30min"])
+    assert set(c.loss) == {"adversarial", "cycle", "mind"} and c.loss.mind.weight > 0
+    assert set(train_cfg(["experiment=cpu_30min", "loss=[default]"]).loss) == {"adversarial", "cycle"}
+
+
 def test_original_presets_carry_the_notes_numbers(train_cfg):
     c = train_cfg(["experiment=mr2ct_new_unetUpdated"])
     assert (c.generator.num_res_units, c.data.batch_size, c.model.n_epochs, c.trainer.max_epochs) == (2, 2, 75, 100)
