@@ -21,7 +21,7 @@ def _script(name: str, args: list[str]) -> subprocess.CompletedProcess:
 def test_benchmark_writes_table_and_json(tmp_path):
     out = tmp_path / "bench.json"
     res = _script("benchmark.py", ["generator=unet", "patch=16", "steps=1", "threads=1", "savers=none,split+ckpt+bf16_state+trim",
-                                   "translate=32x32x16", "ceiling=16", f"out={out}", *TINY])
+                                   "translate=32x32x16", "ceiling=16", f"out={out}", "loss=+mind", *TINY])
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads(out.read_text())
     assert {"conv_fb", "conv_fb_cl", "conv_fwd", "matmul"} <= report["ceilings"].keys()
@@ -29,6 +29,7 @@ def test_benchmark_writes_table_and_json(tmp_path):
     runs = {r["saver"]: r for r in report["runs"]}
     assert runs.keys() == {"none", "split+ckpt+bf16_state+trim"}
     assert "model.optimizer_state=bfloat16" in runs["split+ckpt+bf16_state+trim"]["overrides"]
+    assert all("loss=+mind" in r["overrides"] for r in runs.values())  # a config group passes through like a.b=c
     ceil = report["ceilings"]
     for r in runs.values():
         assert r["median_s"] > 0 and r["flops"] > 0
