@@ -37,8 +37,8 @@ def _shift(padded: Tensor, offset: tuple[int, int, int], pad: int, shape: tuple[
 
 
 @functools.lru_cache(maxsize=32)
-def _blur_matrix(length: int, sigma: float) -> Tensor:
-    """(length, length) float64 M with ``(x @ M)[i] = sum_k g_k x[clamp(i + k)]``: the truncated Gaussian g
+def _blur_matrix(length: int, sigma: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(length, length) M with ``(x @ M)[i] = sum_k g_k x[clamp(i + k)]``: the truncated Gaussian g
     (2 sigma, normalised) along one axis, the replicate border folded into the first and last rows."""
     radius = max(1, math.ceil(2.0 * sigma))
     t = torch.arange(-radius, radius + 1, dtype=torch.float64)
@@ -48,7 +48,7 @@ def _blur_matrix(length: int, sigma: float) -> Tensor:
     m = torch.zeros(length, length, dtype=torch.float64)
     for k in range(-radius, radius + 1):
         m.index_put_(((out + k).clamp(0, length - 1), out), g[k + radius].expand(length), accumulate=True)
-    return m
+    return m.to(device, dtype)  # cached per dtype and device: no copy in the training step
 
 
 def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
@@ -59,7 +59,7 @@ def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     term's time), while three small matrix products run at the matmul rate.
     """
     n, c, nx, ny, nz = x.shape
-    mx, my, mz = (_blur_matrix(int(k), float(sigma)).to(x.device, x.dtype) for k in (nx, ny, nz))
+    mx, my, mz = (_blur_matrix(int(k), float(sigma), x.dtype, x.device) for k in (nx, ny, nz))
     x = x @ mz  # along Z; the others as left products on views, so nothing is permuted and copied
     x = my.T @ x.reshape(n * c * nx, ny, nz)
     return (mx.T @ x.reshape(n * c, nx, ny * nz)).reshape(n, c, nx, ny, nz)
@@ -94,9 +94,8 @@ def mind_ssc(x: Tensor, sigma: float = 2.0, dilation: int = 1, eps: float = 1e-6
 
 def _mind_ssc_fp32(x: Tensor, sigma: float, d: int, eps: float) -> Tensor:
     """:func:`mind_ssc` of (N, 1, X, Y, Z) float32 -> (N, 12, X, Y, Z)."""
-    spatial = x.shape[2:]
     padded = F.pad(x, [d] * 6, mode="replicate")
-    shape = tuple(spatial)
+    shape = tuple(x.shape[2:])
     diffs = [
         (_shift(padded, tuple(d * o for o in p), d, shape) - _shift(padded, tuple(d * o for o in q), d, shape)) ** 2
         for p, q in SSC_PAIRS
