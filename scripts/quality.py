@@ -34,7 +34,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: the ablation in the README: each lever alone, then together. Names are stable: the README table uses them.
+#: the ablation in the README: each lever alone, then together. Names are stable: the README table uses them, and
+#: rows measured before MIND joined the default loss set (2026-12-07) name their loss set, so they still repeat.
 CONFIGS: dict[str, str] = {
     # the default before this ablation: identity term, uniform patches, one patch per volume per epoch (1200 steps)
     "old_default": "loss=[adversarial,cycle,identity] data.body_patch_prob=0 data.patches_per_epoch=null",
@@ -46,37 +47,38 @@ CONFIGS: dict[str, str] = {
     "norm_none": "loss=[adversarial,cycle,identity] data.body_patch_prob=0 generator.norm=none data.patches_per_epoch=null",
     "upsample_resize": "loss=[adversarial,cycle,identity] data.body_patch_prob=0 generator.upsample=resize data.patches_per_epoch=null",
     # the new loss set and patches on the old 1200-step schedule, with and without MIND and pairs
-    "short": "data.patches_per_epoch=null",
-    "short_mind": "loss=+mind data.patches_per_epoch=null",
-    "paired25_short": "loss=+paired data.paired_fraction=0.25 data.patches_per_epoch=null",
-    "paired100_short": "loss=+paired data.paired_fraction=1.0 data.patches_per_epoch=null",
+    "short": "loss=[adversarial,cycle] data.patches_per_epoch=null",
+    "short_mind": "loss=[adversarial,cycle,mind] data.patches_per_epoch=null",
+    "paired25_short": "loss=[adversarial,cycle,paired] data.paired_fraction=0.25 data.patches_per_epoch=null",
+    "paired100_short": "loss=[adversarial,cycle,paired] data.paired_fraction=1.0 data.patches_per_epoch=null",
     # numerics and schedule length: the 2400-step default of the last round in fp32 and bf16, twice as long in bf16
-    "fp32_2400": "data.patches_per_epoch=24 trainer.precision=32-true model.memory_format=contiguous",
-    "bf16_2400": "data.patches_per_epoch=24 trainer.precision=bf16-mixed",
-    "bf16_4800": "data.patches_per_epoch=48 trainer.precision=bf16-mixed",
+    "fp32_2400": "loss=[adversarial,cycle] data.patches_per_epoch=24 trainer.precision=32-true model.memory_format=contiguous",
+    "bf16_2400": "loss=[adversarial,cycle] data.patches_per_epoch=24 trainer.precision=bf16-mixed",
+    "bf16_4800": "loss=[adversarial,cycle] data.patches_per_epoch=48 trainer.precision=bf16-mixed",
     # the default (eight starts of 160 steps, then 3200 steps; numerics auto) and options on it
     "default": "",
-    "default_mind": "loss=+mind",
-    "spectral": "loss=+spectral",  # spectral norm in D: the original project's best run
+    "default_plain": "loss=[adversarial,cycle]",  # the default before MIND joined its loss set (2026-12-07)
+    "default_mind": "loss=[adversarial,cycle,mind]",  # = the default since 2026-12-07
+    "spectral": "loss=[adversarial,cycle,spectral]",  # spectral norm in D: the original project's best run
     # rows measured before the four short starts became the default: add the old default's settings to the
     # others (common="multistart.starts=1 data.patches_per_epoch=40") to repeat them
-    "multistart": "multistart.starts=3 multistart.epochs=10 data.patches_per_epoch=40",  # three starts of 400 steps
+    "multistart": "loss=[adversarial,cycle] multistart.starts=3 multistart.epochs=10 data.patches_per_epoch=40",  # three starts of 400 steps
     # the default before the four short starts: one start, 40 patches per epoch (4000 steps)
-    "default_4000": "multistart.starts=1 data.patches_per_epoch=40",
-    "skipneg": "generator.input_skip=-1 multistart.starts=1 data.patches_per_epoch=40",  # inverted start, the old default's schedule
-    "ct2000": "data.ct_window=[-1024,2000]",  # CT scaled over -1024..2000 HU, not 3000: more output range between soft tissue and marrow
-    "cycle5": "loss.cycle.weight=5",  # lambda_cycle 5 instead of 10: the adversarial term weighs twice as much
-    "d_full_res": "discriminator.full_res_layer=true",  # a stride-1 layer in front of the discriminators
-    "paired25": "loss=+paired data.paired_fraction=0.25",
-    "paired100": "loss=+paired data.paired_fraction=1.0",
+    "default_4000": "loss=[adversarial,cycle] multistart.starts=1 data.patches_per_epoch=40",
+    "skipneg": "loss=[adversarial,cycle] generator.input_skip=-1 multistart.starts=1 data.patches_per_epoch=40",  # inverted start, the old default's schedule
+    "ct2000": "loss=[adversarial,cycle] data.ct_window=[-1024,2000]",  # CT scaled over -1024..2000 HU, not 3000: more output range between soft tissue and marrow
+    "cycle5": "loss=[adversarial,cycle] loss.cycle.weight=5",  # lambda_cycle 5 instead of 10: the adversarial term weighs twice as much
+    "d_full_res": "loss=[adversarial,cycle] discriminator.full_res_layer=true",  # a stride-1 layer in front of the discriminators
+    "paired25": "loss=[adversarial,cycle,paired] data.paired_fraction=0.25",
+    "paired100": "loss=[adversarial,cycle,paired] data.paired_fraction=1.0",
     # semi-paired with the true CT's bone (> 200 HU) counted five times in the paired term
-    "paired25_bone": "loss=+paired data.paired_fraction=0.25 loss.paired.bone_weight=4",
+    "paired25_bone": "loss=[adversarial,cycle,paired] data.paired_fraction=0.25 loss.paired.bone_weight=4",
     "cpu_30min": "experiment=cpu_30min",  # budget_min=30: the preset's own budget (with MIND since 2026-12-07)
-    "cpu_30min_plain": "experiment=cpu_30min loss=[default]",  # the preset before MIND joined it
-    "cpu_30min_fit": "experiment=cpu_30min callbacks.schedule_budget.fit=true",  # its schedule fitted to the budget
+    "cpu_30min_plain": "experiment=cpu_30min loss=[adversarial,cycle]",  # the preset before MIND joined it
+    "cpu_30min_fit": "experiment=cpu_30min loss=[adversarial,cycle] callbacks.schedule_budget.fit=true",  # its schedule fitted to the budget
     # the design command's generator, without and with the instance norm of its one-channel top block
-    "unet_updated": "generator=unet_updated generator.top_norm=false",
-    "unet_updated_top_norm": "generator=unet_updated generator.top_norm=true",  # MONAI's layout, the old default
+    "unet_updated": "loss=[adversarial,cycle] generator=unet_updated generator.top_norm=false",
+    "unet_updated_top_norm": "loss=[adversarial,cycle] generator=unet_updated generator.top_norm=true",  # MONAI's layout, the old default
 }
 
 STEPS_KEY = "global_step"

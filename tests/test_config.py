@@ -18,7 +18,8 @@ PRESETS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"
 def test_default_config_is_the_cpu_demo(train_cfg):
     cfg = train_cfg([])
     assert cfg.data._target_.endswith("PhantomDataModule")
-    assert sorted(cfg.loss) == ["adversarial", "cycle"]  # identity off, MIND optional: README "Translation quality"
+    assert sorted(cfg.loss) == ["adversarial", "cycle", "mind"]  # identity off, MIND on: README "Translation quality"
+    assert cfg.loss.mind.weight == 5.0
     assert cfg.loss.cycle.weight == 10.0
     assert cfg.data.body_patch_prob == 0.9 and cfg.data.patches_per_epoch == 32  # 3200 steps after the starts: the quality table
     assert cfg.multistart.starts == "auto" and cfg.multistart.epochs == 5  # eight short starts, the best continued ...
@@ -37,7 +38,7 @@ def test_design_command_composes_to_intended_config(train_cfg):
     """`python -m mr2ct.train generator=unet_updated loss=+spectral trainer.devices=4`"""
     cfg = train_cfg(["generator=unet_updated", "loss=+spectral", "trainer.devices=4"])
     assert cfg.generator.num_res_units == 2 and len(cfg.generator.channels) == 5
-    assert sorted(cfg.loss) == ["adversarial", "cycle"]  # the default set ...
+    assert sorted(cfg.loss) == ["adversarial", "cycle", "mind"]  # the default set ...
     assert cfg.discriminator.spectral_norm is True  # ... plus spectral normalisation
     assert cfg.trainer.devices == 4
     assert choose_strategy(cfg.trainer) == "ddp_find_unused_parameters_true"
@@ -49,12 +50,15 @@ def test_design_command_composes_to_intended_config(train_cfg):
 @pytest.mark.parametrize(
     "overrides, terms, spectral",
     [
-        (["loss=+gc"], {"adversarial", "cycle", "gc"}, False),
-        (["loss=+perceptual"], {"adversarial", "cycle", "perceptual"}, False),
-        (["+loss=gc"], {"adversarial", "cycle", "gc"}, False),
-        (["loss=[+spectral,gc]"], {"adversarial", "cycle", "gc"}, True),
-        (["loss=[+gc,perceptual,spectral]"], {"adversarial", "cycle", "gc", "perceptual"}, True),
+        (["loss=+gc"], {"adversarial", "cycle", "mind", "gc"}, False),
+        (["loss=+perceptual"], {"adversarial", "cycle", "mind", "perceptual"}, False),
+        (["+loss=gc"], {"adversarial", "cycle", "mind", "gc"}, False),
+        (["loss=[+spectral,gc]"], {"adversarial", "cycle", "mind", "gc"}, True),
+        (["loss=[+gc,perceptual,spectral]"], {"adversarial", "cycle", "mind", "gc", "perceptual"}, True),
+        (["loss=+mind"], {"adversarial", "cycle", "mind"}, False),  # commands from before MIND was a default still compose
+        (["loss=[+spectral,mind]"], {"adversarial", "cycle", "mind"}, True),
         (["loss=[adversarial,cycle]"], {"adversarial", "cycle"}, False),
+        (["loss=[adversarial,cycle,spectral]"], {"adversarial", "cycle"}, True),
     ],
 )
 def test_loss_set_overrides(train_cfg, overrides, terms, spectral):
@@ -78,11 +82,13 @@ def test_experiment_presets_compose(train_cfg, preset):
     assert cfg.trainer.max_epochs == cfg.model.n_epochs + cfg.model.n_epochs_decay
 
 
-def test_cpu_preset_carries_the_structure_term_and_can_drop_it(train_cfg):
-    """experiment=cpu_30min includes MIND (measured in the README); loss=[default] on top removes it."""
-    c = train_cfg(["experiment=cpu_30min"])
-    assert set(c.loss) == {"adversarial", "cycle", "mind"} and c.loss.mind.weight > 0
-    assert set(train_cfg(["experiment=cpu_30min", "loss=[default]"]).loss) == {"adversarial", "cycle"}
+def test_presets_carry_the_structure_term_and_can_drop_it(train_cfg):
+    """The default and experiment=cpu_30min include MIND (measured in the README); loss=[adversarial,cycle] removes it."""
+    for preset in ([], ["experiment=cpu_30min"]):
+        c = train_cfg(preset)
+        assert set(c.loss) == {"adversarial", "cycle", "mind"} and c.loss.mind.weight > 0
+        assert set(train_cfg([*preset, "loss=[adversarial,cycle]"]).loss) == {"adversarial", "cycle"}
+    assert set(train_cfg(["experiment=paired_only"]).loss) == {"adversarial", "cycle", "paired"}  # measured without it
 
 
 def test_original_presets_carry_the_notes_numbers(train_cfg):

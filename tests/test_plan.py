@@ -83,5 +83,5 @@ def test_plan_counts_the_weights_moving_average():
 def test_plan_counts_the_structure_loss():
     """MIND's descriptors are traced with the step (meta device): more FLOPs and activations than without it."""
     base = ["generator=resnet3d_2blk", "generator.ngf=8", "data.patch_size=[16,16,16]"]
-    plain, mind = P.trace_step(P.compose(base)), P.trace_step(P.compose([*base, "loss=+mind"]))
+    plain, mind = P.trace_step(P.compose([*base, "loss=[adversarial,cycle]"])), P.trace_step(P.compose([*base, "loss=+mind"]))
     assert mind["flops"] > plain["flops"] and mind["act"] > plain["act"]
