@@ -71,6 +71,7 @@ CONFIGS: dict[str, str] = {
     "d_full_res": "loss=[adversarial,cycle] discriminator.full_res_layer=true",  # a stride-1 layer in front of the discriminators
     "paired25": "loss=[adversarial,cycle,paired] data.paired_fraction=0.25",
     "paired100": "loss=[adversarial,cycle,paired] data.paired_fraction=1.0",
+    "paired25_mind": "loss=+paired data.paired_fraction=0.25",  # semi-paired on the default loss set (with MIND)
     # semi-paired with the true CT's bone (> 200 HU) counted five times in the paired term
     "paired25_bone": "loss=[adversarial,cycle,paired] data.paired_fraction=0.25 loss.paired.bone_weight=4",
     "cpu_30min": "experiment=cpu_30min",  # budget_min=30: the preset's own budget (with MIND since 2026-12-07)
