@@ -28,7 +28,7 @@ import torch
 from mr2ct import plan
 from mr2ct import profiling as P
 from mr2ct.errors import ConfigError
-from mr2ct.numerics import bf16_fast
+from mr2ct.numerics import bf16_fast, resolve
 
 #: config groups passed through as overrides like any a.b=c (generator is a key of its own: a list to compare)
 GROUPS = ("loss", "discriminator")
@@ -106,17 +106,20 @@ def main(argv: list[str]) -> dict:
         for saver in args["savers"].split(","):
             overrides = [f"generator={gen}", f"data.patch_size=[{','.join(map(str, patch))}]", f"data.batch_size={batch}",
                          *extra, *saver_overrides(saver)]
-            cfg = P.compose(overrides)  # resolves auto numerics once; the measuring process gets the same choice
-            numerics = [f"trainer.precision={cfg.trainer.precision}", f"model.memory_format={cfg.model.memory_format}"]
-            trained_with.setdefault(gen, numerics)
-            overrides += numerics
+            cfg = P.compose(overrides, resolve_auto=False)
+            layout_trial = str(cfg.model.memory_format) == "auto"  # mr2ct.train settles it on its first steps
+            resolve(cfg)  # auto numerics resolved once; the measuring process gets the same choice
+            overrides += [f"trainer.precision={cfg.trainer.precision}", f"model.memory_format={cfg.model.memory_format}"]
             trace = P.trace_step(cfg)
             t0 = time.time()
-            m = P.measure({"kind": "train", "overrides": overrides, "steps": steps, "threads": threads})
+            m = P.measure({"kind": "train", "overrides": overrides, "steps": steps, "threads": threads, "layout_trial": layout_trial})
+            cfg.model.memory_format = m["memory_format"]
+            trained_with.setdefault(gen, [f"trainer.precision={cfg.trainer.precision}", f"model.memory_format={cfg.model.memory_format}"])
             pred = P.predict_rss(trace, m["runtime_rss"], pool_images=m["pool_images"], pool_size=int(cfg.model.pool_size))
             run = {"generator": gen, "saver": saver, "overrides": overrides, "median_s": m["median_s"],
                    "numerics": f"{'bf16' if 'bf16' in str(cfg.trainer.precision) else 'fp32'}{'/CL' if cfg.model.memory_format == 'channels_last' else ''}",
                    "step_times": m["step_times"], "first_step_s": m["first_step_s"], "flops": trace["flops"],
+                   "layout_trial_s": m["trial_seconds"],
                    "gflop_per_s": trace["flops"] / m["median_s"] / 1e9, "peak_rss_gb": m["peak_rss"] / P.GB,
                    "predicted_rss_gb": pred / P.GB, "tensor_peak_gb": trace["total"] / P.GB,
                    "runtime_rss_gb": m["runtime_rss"] / P.GB, "wall_s": time.time() - t0}

@@ -30,7 +30,7 @@ def test_the_best_start_is_continued_within_the_budget(train_cfg, tmp_path, monk
                      f"multistart.mode={mode}", "trainer.max_time=00:01:00:00"])
     budgets = []
     build = train_module.build_trainer
-    monkeypatch.setattr(train_module, "build_trainer", lambda c, m, t=None: budgets.append(t) or build(c, m, t))
+    monkeypatch.setattr(train_module, "build_trainer", lambda c, m, t=None, e=None: budgets.append(t) or build(c, m, t, e))
     train_module.train(cfg)
 
     run = tmp_path / "run"

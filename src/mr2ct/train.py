@@ -36,6 +36,7 @@ from mr2ct.errors import ConfigError, find_user_error
 from mr2ct.numerics import resolve as resolve_numerics
 from mr2ct.training import multistart
 from mr2ct.training.checkpointing import SafeCheckpointIO
+from mr2ct.training.layout import LayoutTrial, layout_trial
 from mr2ct.training.nonfinite import NonFiniteError
 from mr2ct.training.resume import resume_argv
 
@@ -101,9 +102,11 @@ def run_config(cfg: DictConfig) -> dict[str, Any]:
     return {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in cfg if k != "hydra"}
 
 
-def build_trainer(cfg: DictConfig, multirun: bool, max_time: timedelta | None = None) -> tuple[pl.Trainer, list[Any]]:
-    """The configured trainer with its callbacks and loggers; ``max_time`` replaces ``trainer.max_time`` when given."""
+def build_trainer(cfg: DictConfig, multirun: bool, max_time: timedelta | None = None,
+                  extra: list[pl.Callback] | None = None) -> tuple[pl.Trainer, list[Any]]:
+    """The configured trainer with its callbacks (and ``extra``) and loggers; ``max_time`` replaces ``trainer.max_time`` when given."""
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks += extra or []
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer,
@@ -116,7 +119,13 @@ def build_trainer(cfg: DictConfig, multirun: bool, max_time: timedelta | None = 
     return trainer, loggers
 
 
-def run_starts(cfg: DictConfig, ms: dict[str, Any], datamodule: pl.LightningDataModule, multirun: bool) -> tuple[multistart.Start, timedelta | None]:
+def pending(trial: LayoutTrial | None) -> list[pl.Callback]:
+    """``[trial]`` while it has not chosen yet: a later fit is built in the chosen layout instead."""
+    return [trial] if trial is not None and trial.choice is None else []
+
+
+def run_starts(cfg: DictConfig, ms: dict[str, Any], datamodule: pl.LightningDataModule, multirun: bool,
+               trial: LayoutTrial | None = None) -> tuple[multistart.Start, timedelta | None]:
     """Train ``ms["starts"]`` seeds for ``ms["epochs"]`` epochs each; the best start and the time left for the run.
 
     The time left is ``trainer.max_time`` minus what the other starts took: the chosen start's
@@ -133,7 +142,7 @@ def run_starts(cfg: DictConfig, ms: dict[str, Any], datamodule: pl.LightningData
         pl.seed_everything(seed, workers=True)
         model = hydra.utils.instantiate(sub.model, _convert_="partial")
         model.run_config = run_config(sub)
-        trainer, _ = build_trainer(sub, multirun, left)
+        trainer, _ = build_trainer(sub, multirun, left, pending(trial))
         t_start = time.monotonic()
         trainer.fit(model, datamodule=datamodule)
         value = trainer.callback_metrics.get(ms["monitor"])
@@ -159,7 +168,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("seed") is not None:
         pl.seed_everything(int(cfg.seed), workers=True)
 
+    auto_layout = str(cfg.model.get("memory_format", "contiguous")) == "auto"
     numerics = resolve_numerics(cfg)  # precision / memory format "auto": a probe on this device, before anything is built
+    layout: dict[str, Any] = {}  # what the trial on the training steps chose (mr2ct/training/layout.py)
+    trial = layout_trial(cfg, auto_layout, layout)
     datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
     model: pl.LightningModule = hydra.utils.instantiate(cfg.model, _convert_="partial")
     model.run_config = run_config(cfg)
@@ -177,12 +189,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     max_time = None
     ms = multistart.settings(cfg, has_validation=bool(datamodule.records("val")))
     if ms is not None:  # several seeds briefly, the best continued (mr2ct/training/multistart.py)
-        chosen, max_time = run_starts(cfg, ms, datamodule, multirun)
+        chosen, max_time = run_starts(cfg, ms, datamodule, multirun, trial)
         ckpt_path = str(chosen.ckpt)
         pl.seed_everything(int(cfg.seed), workers=True)
         model = hydra.utils.instantiate(cfg.model, _convert_="partial")
         model.run_config = run_config(cfg)
-    trainer, loggers = build_trainer(cfg, multirun, max_time)
+    trainer, loggers = build_trainer(cfg, multirun, max_time, pending(trial))
 
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -191,7 +203,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             info_path = output_dir / f"run_info.resume{len(list(output_dir.glob('run_info.resume*.json'))) + 1}.json"
         info = run_info()
         if numerics is not None:
-            info["numerics"] = dataclasses.asdict(numerics)
+            info["numerics"] = {**dataclasses.asdict(numerics), **layout}
         if chosen is not None:
             info["multistart"] = json.loads((output_dir / "starts" / "summary.json").read_text())
         info_path.write_text(json.dumps(info, indent=2))
@@ -201,6 +213,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         lg.log_hyperparams(config_params(cfg))
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    if trainer.is_global_zero and layout and info.get("numerics", {}).get("trial_seconds") != layout["trial_seconds"]:
+        info["numerics"] = {**info.get("numerics", {}), **layout}  # chosen during this fit: after run_info was written
+        info_path.write_text(json.dumps(info, indent=2))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if cfg.get("test"):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""

@@ -22,10 +22,11 @@ from mr2ct.profiling.memory import current_rss, peak_rss
 from mr2ct.profiling.trace import build_model, random_batch
 
 
-def compose(overrides: Sequence[str], config_name: str = "train") -> DictConfig:
+def compose(overrides: Sequence[str], config_name: str = "train", resolve_auto: bool = True) -> DictConfig:
     """The config as ``python -m mr2ct.<config_name> <overrides>`` runs it (outputs to a temp dir).
 
-    For ``train``, ``auto`` precision and memory format are resolved as the tool resolves them (a probe).
+    For ``train``, ``auto`` precision and memory format are resolved as the tool resolves them (a probe),
+    unless ``resolve_auto=False``.
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -40,7 +41,7 @@ def compose(overrides: Sequence[str], config_name: str = "train") -> DictConfig:
     GlobalHydra.instance().clear()
     OmegaConf.set_struct(cfg, False)
     cfg.paths.output_dir = tempfile.mkdtemp(prefix="mr2ct-bench-")
-    if config_name == "train":
+    if config_name == "train" and resolve_auto:
         from mr2ct.numerics import resolve
 
         resolve(cfg)
@@ -77,11 +78,17 @@ class _StepTimer:
         return StepTimer()
 
 
-def _measure_train(overrides: Sequence[str], steps: int, threads: int | None) -> dict[str, Any]:
+def _measure_train(overrides: Sequence[str], steps: int, threads: int | None, layout_trial: bool = False) -> dict[str, Any]:
+    """Time ``steps`` training steps after one untimed step; with ``layout_trial`` (a run whose memory format was
+    ``auto``, as ``mr2ct.train`` runs it) after the trial's steps in both layouts instead, in the layout it kept."""
     import pytorch_lightning as pl
     from hydra.utils import instantiate
 
+    from mr2ct.training.layout import LayoutTrial
+
     cfg = compose(overrides)
+    trial = LayoutTrial() if layout_trial else None
+    skip = 1 if trial is None else 2 * (1 + trial.steps)
     runtime = current_rss()
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu")
     pl.seed_everything(0, verbose=False)
@@ -90,7 +97,7 @@ def _measure_train(overrides: Sequence[str], steps: int, threads: int | None) ->
 
     class Patches(torch.utils.data.Dataset):
         def __len__(self) -> int:
-            return batch * (steps + 1)
+            return batch * (steps + skip)
 
         def __getitem__(self, i: int) -> dict[str, Tensor]:
             return {k: v[0] for k, v in random_batch(1, patch).items()}
@@ -100,14 +107,16 @@ def _measure_train(overrides: Sequence[str], steps: int, threads: int | None) ->
     # the callbacks that change a step's memory or time; the rest (images, validation, checkpoints) do not run
     memory = [instantiate(cfg.callbacks[k]) for k in MEMORY_CALLBACKS if k in (cfg.get("callbacks") or {})]
     trainer = instantiate(
-        cfg.trainer, default_root_dir=cfg.paths.output_dir, max_steps=2 * (steps + 1), max_epochs=-1,
+        cfg.trainer, default_root_dir=cfg.paths.output_dir, max_steps=2 * (steps + skip), max_epochs=-1,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer, *memory], devices=1, strategy="auto",
+        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer, *memory, *([trial] if trial else [])], devices=1, strategy="auto",
     )
     trainer.fit(model, train_dataloaders=loader)
     # the first step pays allocation, oneDNN kernel selection, compilation (steps=0: memory only)
-    times = timer.times[1:] or timer.times[:1]
+    times = timer.times[skip:] or timer.times[:1]
     out: dict[str, Any] = {
+        "memory_format": "channels_last" if model.channels_last else "contiguous",
+        "trial_seconds": None if trial is None else {("channels_last" if k else "contiguous"): v for k, v in trial.seconds.items()},
         "device": device.type, "threads": torch.get_num_threads(), "step_times": times,
         "median_s": statistics.median(times), "first_step_s": timer.times[0],
         "peak_rss": peak_rss(), "runtime_rss": runtime, "steps": len(times), "pool_images": batch * (steps + 1),
@@ -152,7 +161,7 @@ def _measure_translate(
 def measure(job: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
     """Run a measurement ``job`` in a fresh Python process (so its peak RSS is its own) and return its result.
 
-    ``job``: ``{"kind": "train", "overrides": [...], "steps": n}`` or ``{"kind": "translate", "overrides":
+    ``job``: ``{"kind": "train", "overrides": [...], "steps": n, "layout_trial": false}`` or ``{"kind": "translate", "overrides":
     [...], "shape": [X, Y, Z], "roi": [...], "overlap": 0.25, "sw_batch_size": 1, "repeats": 1, "bounded_heap": true}``; either may name
     ``"preload": [modules]`` to import first.
     """
@@ -177,7 +186,7 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
     if job["kind"] == "train":
-        return _measure_train(job["overrides"], int(job.get("steps", 3)), job.get("threads"))
+        return _measure_train(job["overrides"], int(job.get("steps", 3)), job.get("threads"), bool(job.get("layout_trial", False)))
     if job["kind"] == "translate":
         return _measure_translate(job["overrides"], job["shape"], job["roi"], float(job.get("overlap", 0.25)),
                                   job.get("sw_batch_size", "auto"), int(job.get("repeats", 1)), bool(job.get("bounded_heap", True)))
