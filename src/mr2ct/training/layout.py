@@ -2,14 +2,14 @@
 
 The start-up probe (:mod:`mr2ct.numerics`) times one generator's forward+backward on a patch of at most
 24 voxels a side, which is enough to tell bf16 from fp32 but can misjudge the layout: for the ResNet
-generator at 32x64x64 on an AVX-512 Xeon it timed channels-last 14 % slower while the whole training step
-ran 9 % faster in it (README, "Memory and speed"). :class:`LayoutTrial` settles the layout on the steps
+generator on one AVX-512 Xeon it kept contiguous while the whole training step ran faster channels-last
+(README, "Memory and speed"). :class:`LayoutTrial` settles the layout on the steps
 that train anyway: the first ``2 * (1 + steps)`` batches alternate between the two layouts (one untimed
 step in each while the kernels are picked, then ``steps`` timed steps each, interleaved so that a burst of
 load from elsewhere slows both alike), and the faster by its best step is kept; the other layout must be
 faster by more than ``1 - margin`` to replace the probe's choice. Nothing is recomputed and nothing is
-copied: the weights, their gradients and the optimizers' state are converted in place, which changes no
-value (only the order of a convolution's sums, as any change of kernel does).
+kept twice: the weights, their gradients and the optimizers' state are converted one tensor at a time,
+which changes no value (only the order of a convolution's sums, as any change of kernel does).
 
 One device only: under DDP the gradient buckets are laid out once, for the layout the ranks start with,
 so there the probe's choice stands.
