@@ -59,9 +59,9 @@ def test_the_faster_layout_on_the_training_steps_is_kept(tmp_path, train_cfg, mo
     run = tmp_path / "run"
     info = json.loads((run / "run_info.json").read_text())
     chosen = "channels_last" if faster else "contiguous"
-    assert ran == [False, True, False, True, False, True]  # one untimed step in each, then two each, interleaved
+    assert ran == [False, True] * 4  # one untimed step in each, then three each, interleaved
     assert info["numerics"]["memory_format"] == chosen
-    assert info["numerics"]["trial_seconds"] == {"contiguous": [1.0 if faster else 0.5] * 2, "channels_last": [0.5 if faster else 1.0] * 2}
+    assert info["numerics"]["trial_seconds"] == {"contiguous": [1.0 if faster else 0.5] * 3, "channels_last": [0.5 if faster else 1.0] * 3}
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["mr2ct_config"]["model"]["memory_format"] == chosen
     assert weights_layout(ckpt) == {faster}
@@ -72,7 +72,7 @@ def test_a_near_tie_keeps_the_probes_choice(tmp_path, train_cfg, monkeypatch):
     from mr2ct.train import train
 
     probe_prefers(monkeypatch, channels_last=True)
-    scripted_steps(monkeypatch, {True: 1.0, False: 0.97})  # contiguous 3 % faster: under the trial's 5 % margin
+    scripted_steps(monkeypatch, {True: 1.0, False: 0.95})  # contiguous 5 % faster: under the trial's margin (7.5 %)
     cfg = train_cfg([*tiny(), "model.memory_format=auto", "model.n_epochs=4", "multistart.starts=1", "callbacks.image_logger=null"])
     train(cfg)
     info = json.loads((tmp_path / "run" / "run_info.json").read_text())
@@ -88,7 +88,7 @@ def test_the_first_start_decides_and_the_others_are_built_in_its_choice(tmp_path
                      "callbacks.image_logger=null"])
     train(cfg)
     run = tmp_path / "run"
-    assert len(ran) == 6  # one trial, in the first start
+    assert len(ran) == 8  # one trial, in the first start
     for start in ("seed42", "seed43"):
         ckpt = torch.load(run / "starts" / start / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
         assert ckpt["mr2ct_config"]["model"]["memory_format"] == "channels_last"

@@ -57,7 +57,7 @@ class LayoutTrial(pl.Callback):
             are built in it).
     """
 
-    def __init__(self, steps: int = 2, margin: float = 0.95, on_choice: Callable[[str, dict[str, list[float]]], None] | None = None) -> None:
+    def __init__(self, steps: int = 3, margin: float = 0.93, on_choice: Callable[[str, dict[str, list[float]]], None] | None = None) -> None:
         if steps < 1 or not 0 < margin <= 1:
             raise ValueError(f"LayoutTrial needs steps >= 1 and 0 < margin <= 1, got steps={steps}, margin={margin}")
         self.steps, self.margin, self.on_choice = int(steps), float(margin), on_choice
