@@ -84,7 +84,7 @@ def _measure_train(overrides: Sequence[str], steps: int, threads: int | None, la
     import pytorch_lightning as pl
     from hydra.utils import instantiate
 
-    from mr2ct.training.layout import LayoutTrial
+    from mr2ct.training.layout import FORMATS, LayoutTrial
 
     cfg = compose(overrides)
     trial = LayoutTrial() if layout_trial else None
@@ -115,11 +115,10 @@ def _measure_train(overrides: Sequence[str], steps: int, threads: int | None, la
     # the first step pays allocation, oneDNN kernel selection, compilation (steps=0: memory only)
     times = timer.times[skip:] or timer.times[:1]
     out: dict[str, Any] = {
-        "memory_format": "channels_last" if model.channels_last else "contiguous",
-        "trial_seconds": None if trial is None else {("channels_last" if k else "contiguous"): v for k, v in trial.seconds.items()},
+        "memory_format": FORMATS[bool(model.channels_last)], "trial_seconds": None if trial is None else trial.timings,
         "device": device.type, "threads": torch.get_num_threads(), "step_times": times,
         "median_s": statistics.median(times), "first_step_s": timer.times[0],
-        "peak_rss": peak_rss(), "runtime_rss": runtime, "steps": len(times), "pool_images": batch * (steps + 1),
+        "peak_rss": peak_rss(), "runtime_rss": runtime, "steps": len(times), "pool_images": batch * (steps + skip),
     }
     if device.type == "cuda":
         out["peak_cuda"] = torch.cuda.max_memory_allocated()

@@ -67,6 +67,11 @@ class LayoutTrial(pl.Callback):
         self._count = 0
         self._t0 = 0.0
 
+    @property
+    def timings(self) -> dict[str, list[float]]:
+        """The timed steps' seconds per layout name."""
+        return {FORMATS[k]: [round(s, 4) for s in v] for k, v in self.seconds.items()}
+
     def _now(self, pl_module: pl.LightningModule) -> float:
         """Seconds on a monotonic clock, after the device has finished what was queued."""
         if pl_module.device.type == "cuda":
@@ -106,12 +111,11 @@ class LayoutTrial(pl.Callback):
         config = getattr(pl_module, "run_config", None)  # the config checkpoints carry from now on
         if isinstance(config, dict) and isinstance(config.get("model"), dict):
             config["model"]["memory_format"] = self.choice
-        timings = {FORMATS[k]: [round(s, 4) for s in v] for k, v in self.seconds.items()}
         best = ", ".join(f"{FORMATS[k]} {min(v) * 1e3:.0f} ms" for k, v in self.seconds.items() if v)
         log.info("numerics: memory format %s (training steps %s; %s; the other layout must be %.0f%% faster)",
                  self.choice, why, best or "none timed", (1 / self.margin - 1) * 100)
         if self.on_choice is not None:
-            self.on_choice(self.choice, timings)
+            self.on_choice(self.choice, self.timings)
 
 
 def layout_trial(cfg: DictConfig, auto: bool, record: dict[str, Any]) -> LayoutTrial | None:
