@@ -213,8 +213,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         lg.log_hyperparams(config_params(cfg))
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-    if trainer.is_global_zero and layout and info.get("numerics", {}).get("trial_seconds") != layout["trial_seconds"]:
-        info["numerics"] = {**info.get("numerics", {}), **layout}  # chosen during this fit: after run_info was written
+    if trainer.is_global_zero and layout and "trial_seconds" not in info["numerics"]:  # chosen during this fit
+        info["numerics"].update(layout)
         info_path.write_text(json.dumps(info, indent=2))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if cfg.get("test"):

@@ -84,7 +84,8 @@ def _measure_train(overrides: Sequence[str], steps: int, threads: int | None, la
     import pytorch_lightning as pl
     from hydra.utils import instantiate
 
-    from mr2ct.training.layout import FORMATS, LayoutTrial
+    from mr2ct.numerics import FORMATS
+    from mr2ct.training.layout import LayoutTrial
 
     cfg = compose(overrides)
     trial = LayoutTrial() if layout_trial else None

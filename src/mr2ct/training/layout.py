@@ -27,10 +27,9 @@ import torch
 from omegaconf import DictConfig
 
 from mr2ct.config import num_devices
+from mr2ct.numerics import FORMATS
 
 log = logging.getLogger("mr2ct.layout")
-
-FORMATS = {False: "contiguous", True: "channels_last"}
 
 
 def set_layout(pl_module: pl.LightningModule, optimizers: list[torch.optim.Optimizer], channels_last: bool) -> None:
