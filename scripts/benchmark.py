@@ -107,19 +107,21 @@ def main(argv: list[str]) -> dict:
             overrides = [f"generator={gen}", f"data.patch_size=[{','.join(map(str, patch))}]", f"data.batch_size={batch}",
                          *extra, *saver_overrides(saver)]
             cfg = P.compose(overrides, resolve_auto=False)
-            layout_trial = str(cfg.model.memory_format) == "auto"  # mr2ct.train settles it on its first steps
+            # mr2ct.train settles auto numerics on its first steps (mr2ct/training/numerics_trial.py)
+            trial = {"precision": str(cfg.trainer.precision) == "auto" and bf16_native, "layout": str(cfg.model.memory_format) == "auto"}
             resolve(cfg)  # auto numerics resolved once; the measuring process gets the same choice
             overrides += [f"trainer.precision={cfg.trainer.precision}", f"model.memory_format={cfg.model.memory_format}"]
-            trace = P.trace_step(cfg)
             t0 = time.time()
-            m = P.measure({"kind": "train", "overrides": overrides, "steps": steps, "threads": threads, "layout_trial": layout_trial})
-            cfg.model.memory_format = m["memory_format"]
+            m = P.measure({"kind": "train", "overrides": overrides, "steps": steps, "threads": threads,
+                           "trial": trial if any(trial.values()) else None})
+            cfg.trainer.precision, cfg.model.memory_format = m["precision"], m["memory_format"]
             trained_with.setdefault(gen, [f"trainer.precision={cfg.trainer.precision}", f"model.memory_format={cfg.model.memory_format}"])
+            trace = P.trace_step(cfg)  # the numerics the timed steps ran in
             pred = P.predict_rss(trace, m["runtime_rss"], pool_images=m["pool_images"], pool_size=int(cfg.model.pool_size))
             run = {"generator": gen, "saver": saver, "overrides": overrides, "median_s": m["median_s"],
                    "numerics": f"{'bf16' if 'bf16' in str(cfg.trainer.precision) else 'fp32'}{'/CL' if cfg.model.memory_format == 'channels_last' else ''}",
                    "step_times": m["step_times"], "first_step_s": m["first_step_s"], "flops": trace["flops"],
-                   "layout_trial_s": m["trial_seconds"],
+                   "trial_s": m["trial_seconds"],
                    "gflop_per_s": trace["flops"] / m["median_s"] / 1e9, "peak_rss_gb": m["peak_rss"] / P.GB,
                    "predicted_rss_gb": pred / P.GB, "tensor_peak_gb": trace["total"] / P.GB,
                    "runtime_rss_gb": m["runtime_rss"] / P.GB, "wall_s": time.time() - t0}

@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("inference",),
     ("model",),
     ("training",),
-    ("profiling",),  # measures steps as mr2ct.train runs them (the layout trial included)
+    ("profiling",),  # measures steps as mr2ct.train runs them (the numerics trial included)
 ]
 #: command-line tools: ``python -m mr2ct.<tool>``; nothing below them may import them
 TOOLS = ("cli", "train", "translate", "evaluate", "segment", "augment", "split", "leakcheck", "plan", "export")

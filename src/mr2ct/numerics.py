@@ -5,7 +5,7 @@ built: the run's own generator runs forward+backward on a small patch on the tra
 candidate (fp32 or bf16 autocast, contiguous or channels-last) and the fastest safe one is kept. bf16 is a
 candidate only where the hardware has it (CUDA ``is_bf16_supported``; on CPU AVX512-BF16 or AMX, without
 which bf16 convolutions are emulated and hundreds of times slower). Explicit values are never changed. On one
-device an ``auto`` layout is then settled on the run's own first steps (:mod:`mr2ct.training.layout`).
+device the ``auto`` choices are then settled on the run's own first steps (:mod:`mr2ct.training.numerics_trial`).
 
 DDP: Lightning starts ranks 1..N-1 as copies of the launch command with ``LOCAL_RANK`` set; they read
 rank 0's choice from :data:`ENV` instead of probing, so all local ranks agree. Ranks on other nodes probe

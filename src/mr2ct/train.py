@@ -36,7 +36,7 @@ from mr2ct.errors import ConfigError, find_user_error
 from mr2ct.numerics import resolve as resolve_numerics
 from mr2ct.training import multistart
 from mr2ct.training.checkpointing import SafeCheckpointIO
-from mr2ct.training.layout import LayoutTrial, layout_trial
+from mr2ct.training.numerics_trial import NumericsTrial, numerics_trial
 from mr2ct.training.nonfinite import NonFiniteError
 from mr2ct.training.resume import resume_argv
 
@@ -119,13 +119,13 @@ def build_trainer(cfg: DictConfig, multirun: bool, max_time: timedelta | None = 
     return trainer, loggers
 
 
-def pending(trial: LayoutTrial | None) -> list[pl.Callback]:
-    """``[trial]`` while it has not chosen yet: a later fit is built in the chosen layout instead."""
+def pending(trial: NumericsTrial | None) -> list[pl.Callback]:
+    """``[trial]`` while it has not chosen yet: a later fit is built in the chosen numerics instead."""
     return [trial] if trial is not None and trial.choice is None else []
 
 
 def run_starts(cfg: DictConfig, ms: dict[str, Any], datamodule: pl.LightningDataModule, multirun: bool,
-               trial: LayoutTrial | None = None) -> tuple[multistart.Start, timedelta | None]:
+               trial: NumericsTrial | None = None) -> tuple[multistart.Start, timedelta | None]:
     """Train ``ms["starts"]`` seeds for ``ms["epochs"]`` epochs each; the best start and the time left for the run.
 
     The time left is ``trainer.max_time`` minus what the other starts took: the chosen start's
@@ -168,10 +168,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("seed") is not None:
         pl.seed_everything(int(cfg.seed), workers=True)
 
+    auto_precision = str(cfg.trainer.get("precision", "32-true")) == "auto"
     auto_layout = str(cfg.model.get("memory_format", "contiguous")) == "auto"
     numerics = resolve_numerics(cfg)  # precision / memory format "auto": a probe on this device, before anything is built
-    layout: dict[str, Any] = {}  # what the trial on the training steps chose (mr2ct/training/layout.py)
-    trial = layout_trial(cfg, auto_layout, layout)
+    settled: dict[str, Any] = {}  # what the trial on the training steps chose (mr2ct/training/numerics_trial.py)
+    trial = numerics_trial(cfg, auto_precision, auto_layout, settled)
     datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
     model: pl.LightningModule = hydra.utils.instantiate(cfg.model, _convert_="partial")
     model.run_config = run_config(cfg)
@@ -203,7 +204,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             info_path = output_dir / f"run_info.resume{len(list(output_dir.glob('run_info.resume*.json'))) + 1}.json"
         info = run_info()
         if numerics is not None:
-            info["numerics"] = {**dataclasses.asdict(numerics), **layout}
+            info["numerics"] = {**dataclasses.asdict(numerics), **settled}
         if chosen is not None:
             info["multistart"] = json.loads((output_dir / "starts" / "summary.json").read_text())
         info_path.write_text(json.dumps(info, indent=2))
@@ -213,8 +214,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         lg.log_hyperparams(config_params(cfg))
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-    if trainer.is_global_zero and layout and "trial_seconds" not in info["numerics"]:  # chosen during this fit
-        info["numerics"].update(layout)
+    if trainer.is_global_zero and settled and "trial_seconds" not in info["numerics"]:  # chosen during this fit
+        info["numerics"].update(settled)
         info_path.write_text(json.dumps(info, indent=2))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if cfg.get("test"):

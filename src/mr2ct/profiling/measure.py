@@ -78,18 +78,18 @@ class _StepTimer:
         return StepTimer()
 
 
-def _measure_train(overrides: Sequence[str], steps: int, threads: int | None, layout_trial: bool = False) -> dict[str, Any]:
-    """Time ``steps`` training steps after one untimed step; with ``layout_trial`` (a run whose memory format was
-    ``auto``, as ``mr2ct.train`` runs it) after the trial's steps in both layouts instead, in the layout it kept."""
+def _measure_train(overrides: Sequence[str], steps: int, threads: int | None, trial: dict[str, bool] | None = None) -> dict[str, Any]:
+    """Time ``steps`` training steps after one untimed step; with ``trial`` (``{"precision": bool, "layout": bool}``: what
+    was ``auto`` in the run, as ``mr2ct.train`` runs it) after the numerics trial's steps instead, in the numerics it kept."""
     import pytorch_lightning as pl
     from hydra.utils import instantiate
 
     from mr2ct.numerics import FORMATS
-    from mr2ct.training.layout import LayoutTrial
+    from mr2ct.training.numerics_trial import NumericsTrial
 
     cfg = compose(overrides)
-    trial = LayoutTrial() if layout_trial else None
-    skip = 1 if trial is None else 2 * (1 + trial.steps)
+    trial = NumericsTrial(**trial) if trial else None
+    skip = 1 if trial is None else trial.trial_steps
     runtime = current_rss()
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu")
     pl.seed_everything(0, verbose=False)
@@ -116,7 +116,8 @@ def _measure_train(overrides: Sequence[str], steps: int, threads: int | None, la
     # the first step pays allocation, oneDNN kernel selection, compilation (steps=0: memory only)
     times = timer.times[skip:] or timer.times[:1]
     out: dict[str, Any] = {
-        "memory_format": FORMATS[bool(model.channels_last)], "trial_seconds": None if trial is None else trial.timings,
+        "precision": str(trainer.precision), "memory_format": FORMATS[bool(model.channels_last)],
+        "trial_seconds": None if trial is None else trial.timings,
         "device": device.type, "threads": torch.get_num_threads(), "step_times": times,
         "median_s": statistics.median(times), "first_step_s": timer.times[0],
         "peak_rss": peak_rss(), "runtime_rss": runtime, "steps": len(times), "pool_images": batch * (steps + skip),
@@ -161,7 +162,7 @@ def _measure_translate(
 def measure(job: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
     """Run a measurement ``job`` in a fresh Python process (so its peak RSS is its own) and return its result.
 
-    ``job``: ``{"kind": "train", "overrides": [...], "steps": n, "layout_trial": false}`` or ``{"kind": "translate", "overrides":
+    ``job``: ``{"kind": "train", "overrides": [...], "steps": n, "trial": {"precision": false, "layout": true}}`` or ``{"kind": "translate", "overrides":
     [...], "shape": [X, Y, Z], "roi": [...], "overlap": 0.25, "sw_batch_size": 1, "repeats": 1, "bounded_heap": true}``; either may name
     ``"preload": [modules]`` to import first.
     """
@@ -186,7 +187,7 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
     if job["kind"] == "train":
-        return _measure_train(job["overrides"], int(job.get("steps", 3)), job.get("threads"), bool(job.get("layout_trial", False)))
+        return _measure_train(job["overrides"], int(job.get("steps", 3)), job.get("threads"), job.get("trial"))
     if job["kind"] == "translate":
         return _measure_translate(job["overrides"], job["shape"], job["roi"], float(job.get("overlap", 0.25)),
                                   job.get("sw_batch_size", "auto"), int(job.get("repeats", 1)), bool(job.get("bounded_heap", True)))

@@ -1,0 +1,190 @@
+"""Precision and memory format settled on the run's own training steps (``auto`` on one device).
+
+The start-up probe (:mod:`mr2ct.numerics`) times one generator's forward+backward on a patch of at most
+24 voxels a side. That can misjudge both choices for the whole step: for the ResNet generator on one
+AVX-512 Xeon it kept contiguous while the training step ran faster channels-last, and for the default
+UNet on the same Xeon it chose bf16 autocast (0.8 of fp32's time in the probe) while the training step,
+with both discriminators and the losses, took 1.4 times fp32's (README, "Memory and speed").
+:class:`NumericsTrial` settles them on the steps that train anyway. Each candidate (bf16 or fp32, where
+precision was ``auto`` and the device runs bf16 natively; contiguous or channels-last, where the memory
+format was ``auto``) runs one untimed step while its kernels are picked, then ``steps`` timed steps
+each, the candidates taking turns so that a burst of load from elsewhere slows them alike. The fastest
+by its best step is kept if it takes at most ``margin`` of the start's best step (the probe's choice);
+otherwise the probe's choice stands.
+
+Nothing is recomputed and nothing is kept twice. A layout change converts the weights, their gradients
+and the optimizers' state one tensor at a time; a precision change swaps Lightning's precision plugin
+(autocast on or off), while weights, gradients and Adam's state stay fp32 either way. Neither changes a
+stored value; they change how the step's arithmetic is done, as any change of kernel does.
+
+One device only: under DDP the gradient buckets are laid out once for the layout the ranks start with,
+and the ranks must agree, so there the probe's choice stands; a compiled graph would recompile.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig
+from pytorch_lightning.plugins.precision import MixedPrecision, Precision
+
+from mr2ct.config import num_devices
+from mr2ct.numerics import FORMATS, PRECISIONS, bf16_fast, training_device
+
+log = logging.getLogger("mr2ct.numerics")
+
+#: (bf16 autocast, channels-last)
+Candidate = tuple[bool, bool]
+
+
+def candidate_name(candidate: Candidate) -> str:
+    """``"fp32/contiguous"``, ``"bf16/channels_last"``, ...: the probe's names for the same choices."""
+    return f"{'bf16' if candidate[0] else 'fp32'}/{FORMATS[candidate[1]]}"
+
+
+def set_layout(pl_module: pl.LightningModule, optimizers: list[torch.optim.Optimizer], channels_last: bool) -> None:
+    """Put the module's 5-D weights (and gradients), the optimizers' 5-D state and its input patches in one layout."""
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    pl_module.to(memory_format=fmt)  # in place (param.data), so the optimizers keep the same Parameter objects
+    for opt in optimizers:  # fused Adam walks a parameter and its moments as flat buffers: their layouts must agree
+        for state in opt.state.values():
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.dim() == 5:
+                    state[key] = value.contiguous(memory_format=fmt)
+    pl_module.channels_last = channels_last
+
+
+def set_precision(trainer: pl.Trainer, bf16: bool) -> None:
+    """Run the following steps under bf16 autocast or in plain fp32 (Lightning's ``bf16-mixed`` / ``32-true`` plugins)."""
+    device = trainer.strategy.root_device.type
+    trainer.strategy.precision_plugin = MixedPrecision("bf16-mixed", device) if bf16 else Precision()
+
+
+def running(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Candidate:
+    """The numerics the next step runs in."""
+    return "bf16" in str(trainer.precision), bool(pl_module.channels_last)
+
+
+class NumericsTrial(pl.Callback):
+    """Time the first training steps in each candidate numerics and keep the fastest (see the module docstring).
+
+    Args:
+        precision: try both bf16 autocast and fp32 (else the run's precision stays).
+        layout: try both contiguous and channels-last (else the run's layout stays).
+        steps: timed steps per candidate.
+        margin: the numerics the run started in are replaced only when another candidate's best step takes
+            at most this fraction of their best step.
+        on_choice: called with the chosen precision (``"32-true"`` / ``"bf16-mixed"``), memory format and the
+            timings once decided (train.py writes the choice into the run's config, so later starts and the
+            continued run are built in it).
+    """
+
+    def __init__(self, precision: bool = False, layout: bool = True, steps: int = 3, margin: float = 0.93,
+                 on_choice: Callable[[str, str, dict[str, list[float]]], None] | None = None) -> None:
+        if steps < 1 or not 0 < margin <= 1 or not (precision or layout):
+            raise ValueError(f"NumericsTrial needs steps >= 1, 0 < margin <= 1 and something to try, got steps={steps}, "
+                             f"margin={margin}, precision={precision}, layout={layout}")
+        self.precision, self.layout = bool(precision), bool(layout)
+        self.steps, self.margin, self.on_choice = int(steps), float(margin), on_choice
+        self.choice: Candidate | None = None
+        self.candidates: list[Candidate] = []  # the start's numerics first
+        self.seconds: dict[Candidate, list[float]] = {}
+        self._count = 0
+        self._t0 = 0.0
+
+    @property
+    def timings(self) -> dict[str, list[float]]:
+        """The timed steps' seconds per candidate name."""
+        return {candidate_name(k): [round(s, 4) for s in v] for k, v in self.seconds.items()}
+
+    @property
+    def trial_steps(self) -> int:
+        """How many training steps the trial takes: ``candidates * (1 + steps)``."""
+        return (2 if self.precision else 1) * (2 if self.layout else 1) * (1 + self.steps)
+
+    def _now(self, pl_module: pl.LightningModule) -> float:
+        """Seconds on a monotonic clock, after the device has finished what was queued."""
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        return time.perf_counter()
+
+    def _switch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, to: Candidate) -> None:
+        bf16, channels_last = running(trainer, pl_module)
+        if bf16 != to[0]:
+            set_precision(trainer, to[0])
+        if channels_last != to[1]:
+            set_layout(pl_module, trainer.optimizers, to[1])
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:  # noqa: ANN001
+        if self.choice is not None:
+            return
+        if not self.candidates:
+            start = running(trainer, pl_module)
+            axes = [(start[i], not start[i]) if tried else (start[i],) for i, tried in enumerate((self.precision, self.layout))]
+            self.candidates = list(itertools.product(*axes))
+            self.seconds = {c: [] for c in self.candidates}
+        self._t0 = self._now(pl_module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:  # noqa: ANN001
+        if self.choice is not None or not self.candidates:
+            return
+        seconds = self._now(pl_module) - self._t0
+        n = len(self.candidates)
+        if self._count >= n:  # the first step in each candidate picks its kernels
+            self.seconds[self.candidates[self._count % n]].append(seconds)
+        self._count += 1
+        if self._count < n * (1 + self.steps):
+            self._switch(trainer, pl_module, self.candidates[self._count % n])
+            return
+        start = self.candidates[0]
+        fastest = min(self.candidates, key=lambda c: min(self.seconds[c]))
+        keep = fastest if min(self.seconds[fastest]) <= self.margin * min(self.seconds[start]) else start
+        self._decide(trainer, pl_module, keep, "timed")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.choice is None and self.candidates:  # the fit ended inside the trial: back to the start's numerics
+            self._decide(trainer, pl_module, self.candidates[0], "too few steps to compare")
+
+    def _decide(self, trainer: pl.Trainer, pl_module: pl.LightningModule, keep: Candidate, why: str) -> None:
+        self._switch(trainer, pl_module, keep)
+        self.choice = keep
+        precision, memory_format = PRECISIONS[keep[0]], FORMATS[keep[1]]
+        config = getattr(pl_module, "run_config", None)  # the config checkpoints carry from now on
+        if isinstance(config, dict):
+            if isinstance(config.get("trainer"), dict):
+                config["trainer"]["precision"] = precision
+            if isinstance(config.get("model"), dict):
+                config["model"]["memory_format"] = memory_format
+        best = ", ".join(f"{candidate_name(k)} {min(v) * 1e3:.0f} ms" for k, v in self.seconds.items() if v)
+        log.info("numerics: %s (training steps %s; %s; another candidate must be %.1f%% faster than %s)", candidate_name(keep),
+                 why, best or "none timed", (1 / self.margin - 1) * 100, candidate_name(self.candidates[0]))
+        if self.on_choice is not None:
+            self.on_choice(precision, memory_format, self.timings)
+
+
+def numerics_trial(cfg: DictConfig, precision_auto: bool, layout_auto: bool, record: dict[str, Any]) -> NumericsTrial | None:
+    """The trial for a run whose ``trainer.precision`` and/or ``model.memory_format`` was ``auto`` (the probe's choice is in ``cfg``).
+
+    Precision is tried only where the training device runs bf16 natively. One device and eager generators
+    only. The choice goes into ``cfg`` (later starts and the continued run are built in it) and ``record``
+    (``precision``, ``memory_format`` and ``trial_seconds``, for run_info.json).
+    """
+    compiled = bool(cfg.model.get("compile", False))
+    if compiled or num_devices(cfg.trainer.get("devices", 1)) > 1 or int(cfg.trainer.get("num_nodes", 1)) > 1:
+        return None
+    precision = precision_auto and bf16_fast(training_device(str(cfg.trainer.get("accelerator", "auto"))))
+    if not (precision or layout_auto):
+        return None
+
+    def chosen(precision: str, memory_format: str, seconds: dict[str, list[float]]) -> None:
+        cfg.trainer.precision = precision
+        cfg.model.memory_format = memory_format
+        record.update(precision=precision, memory_format=memory_format, trial_seconds=seconds)
+
+    return NumericsTrial(precision=precision, layout=layout_auto, on_choice=chosen)
