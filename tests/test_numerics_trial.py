@@ -72,15 +72,15 @@ def test_the_faster_layout_on_the_training_steps_is_kept(tmp_path, train_cfg, mo
 
     probe_prefers(monkeypatch, channels_last=False)
     ran = fp32_steps(monkeypatch, {faster: 0.5, not faster: 1.0})
-    cfg = train_cfg([*tiny(), "model.memory_format=auto", "model.n_epochs=4", "multistart.starts=1", "callbacks.image_logger=null"])
+    cfg = train_cfg([*tiny(), "model.memory_format=auto", "model.n_epochs=6", "multistart.starts=1", "callbacks.image_logger=null"])
     train(cfg)
     run = tmp_path / "run"
     info = json.loads((run / "run_info.json").read_text())
     chosen = "channels_last" if faster else "contiguous"
-    assert layouts(ran) == [False, True] * 4  # one untimed step in each, then three each, interleaved
+    assert layouts(ran) == ([False] * 3 + [True] * 3) * 2  # two rounds of a block each: one untimed step, two timed
     assert info["numerics"]["memory_format"] == chosen
-    assert info["numerics"]["trial_seconds"] == {"fp32/contiguous": [1.0 if faster else 0.5] * 3,
-                                                 "fp32/channels_last": [0.5 if faster else 1.0] * 3}
+    assert info["numerics"]["trial_seconds"] == {"fp32/contiguous": [1.0 if faster else 0.5] * 4,
+                                                 "fp32/channels_last": [0.5 if faster else 1.0] * 4}
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["mr2ct_config"]["model"]["memory_format"] == chosen
     assert weights_layout(ckpt) == {faster}
@@ -92,7 +92,7 @@ def test_a_near_tie_keeps_the_probes_choice(tmp_path, train_cfg, monkeypatch):
 
     probe_prefers(monkeypatch, channels_last=True)
     fp32_steps(monkeypatch, {True: 1.0, False: 0.95})  # contiguous 5 % faster: under the trial's margin (7.5 %)
-    cfg = train_cfg([*tiny(), "model.memory_format=auto", "model.n_epochs=4", "multistart.starts=1", "callbacks.image_logger=null"])
+    cfg = train_cfg([*tiny(), "model.memory_format=auto", "model.n_epochs=6", "multistart.starts=1", "callbacks.image_logger=null"])
     train(cfg)
     info = json.loads((tmp_path / "run" / "run_info.json").read_text())
     assert info["numerics"]["memory_format"] == "channels_last"
@@ -103,11 +103,11 @@ def test_the_first_start_decides_and_the_others_are_built_in_its_choice(tmp_path
 
     probe_prefers(monkeypatch, channels_last=False)
     ran = fp32_steps(monkeypatch, {True: 0.5, False: 1.0})
-    cfg = train_cfg([*tiny(), "model.memory_format=auto", "model.n_epochs=8", "multistart.starts=2", "multistart.epochs=4",
+    cfg = train_cfg([*tiny(), "model.memory_format=auto", "model.n_epochs=8", "multistart.starts=2", "multistart.epochs=6",
                      "callbacks.image_logger=null"])
     train(cfg)
     run = tmp_path / "run"
-    assert len(ran) == 8  # one trial, in the first start
+    assert len(ran) == 12  # one trial, in the first start
     for start in ("seed42", "seed43"):
         ckpt = torch.load(run / "starts" / start / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
         assert ckpt["mr2ct_config"]["model"]["memory_format"] == "channels_last"
@@ -131,17 +131,17 @@ def test_precision_is_settled_on_the_training_steps(tmp_path, train_cfg, monkeyp
         return step(self, batch, batch_idx)
 
     monkeypatch.setattr(CycleGAN, "training_step", recording)
-    cfg = train_cfg([*tiny(), "trainer.precision=auto", "model.n_epochs=6", "multistart.starts=1", "callbacks.image_logger=null"])
+    cfg = train_cfg([*tiny(), "trainer.precision=auto", "model.n_epochs=8", "multistart.starts=1", "callbacks.image_logger=null"])
     train(cfg)
     run = tmp_path / "run"
     chosen = "bf16-mixed" if faster else "32-true"
-    assert ran == [(BF16, False), (FP32, False)] * 4 and len(autocast) == 12  # the probe's choice first
-    assert autocast[:8] == [True, False] * 4  # the plugin swap reaches the step itself
-    assert set(autocast[8:]) == {faster}  # and every step after the trial runs in the choice
+    assert ran == ([(BF16, False)] * 3 + [(FP32, False)] * 3) * 2 and len(autocast) == 16  # the probe's choice first
+    assert autocast[:12] == ([True] * 3 + [False] * 3) * 2  # the plugin swap reaches the step itself
+    assert set(autocast[12:]) == {faster}  # and every step after the trial runs in the choice
     info = json.loads((run / "run_info.json").read_text())
     assert info["numerics"]["precision"] == chosen and info["numerics"]["memory_format"] == "contiguous"
-    assert info["numerics"]["trial_seconds"] == {"bf16/contiguous": [0.5 if faster else 1.0] * 3,
-                                                 "fp32/contiguous": [1.0 if faster else 0.5] * 3}
+    assert info["numerics"]["trial_seconds"] == {"bf16/contiguous": [0.5 if faster else 1.0] * 4,
+                                                 "fp32/contiguous": [1.0 if faster else 0.5] * 4}
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["mr2ct_config"]["trainer"]["precision"] == chosen
     assert OmegaConf.select(cfg, "trainer.precision") == chosen
@@ -154,11 +154,11 @@ def test_both_auto_tries_four_candidates_and_keeps_the_fastest(tmp_path, train_c
     probe_prefers(monkeypatch, bf16=True, channels_last=False)
     seconds = {(BF16, False): 1.0, (BF16, True): 0.9, (FP32, False): 0.8, (FP32, True): 0.6}
     ran = scripted_steps(monkeypatch, seconds)
-    cfg = train_cfg([*tiny(), "trainer.precision=auto", "model.memory_format=auto", "model.n_epochs=8", "multistart.starts=1",
+    cfg = train_cfg([*tiny(), "trainer.precision=auto", "model.memory_format=auto", "model.n_epochs=13", "multistart.starts=1",
                      "callbacks.image_logger=null"])
     train(cfg)
     order = [(BF16, False), (BF16, True), (FP32, False), (FP32, True)]
-    assert ran == order * 4
+    assert ran == [c for _ in range(2) for c in order for _ in range(3)]
     numerics_info = json.loads((tmp_path / "run" / "run_info.json").read_text())["numerics"]
     assert (numerics_info["precision"], numerics_info["memory_format"]) == ("32-true", "channels_last")
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
@@ -174,8 +174,8 @@ def test_what_is_tried(train_cfg, monkeypatch):
     assert make_trial(train_cfg(base), True, False, {}) is None  # the user's explicit layout stands; bf16 emulated
     monkeypatch.setattr(numerics_trial, "bf16_fast", lambda device: True)
     trial = make_trial(train_cfg(base), True, False, {})
-    assert (trial.precision, trial.layout, trial.trial_steps) == (True, False, 8)
-    assert make_trial(train_cfg(base), True, True, {}).trial_steps == 16
+    assert (trial.precision, trial.layout, trial.trial_steps) == (True, False, 12)
+    assert make_trial(train_cfg(base), True, True, {}).trial_steps == 24
     assert make_trial(train_cfg(base), False, False, {}) is None
     assert make_trial(train_cfg([*base, "trainer=ddp", "trainer.devices=2"]), True, True, {}) is None
     assert make_trial(train_cfg([*base, "model.compile=true"]), True, True, {}) is None
@@ -215,6 +215,8 @@ def test_trial_arguments_are_checked():
         NumericsTrial(steps=0)
     with pytest.raises(ValueError):
         NumericsTrial(margin=1.5)
+    with pytest.raises(ValueError):
+        NumericsTrial(rounds=0)
     with pytest.raises(ValueError):
         NumericsTrial(precision=False, layout=False)
     assert numerics_trial.FORMATS == {False: "contiguous", True: "channels_last"}

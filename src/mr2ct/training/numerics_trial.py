@@ -3,14 +3,14 @@
 The start-up probe (:mod:`mr2ct.numerics`) times one generator's forward+backward on a patch of at most
 24 voxels a side. That can misjudge both choices for the whole step: for the ResNet generator on one
 AVX-512 Xeon it kept contiguous while the training step ran faster channels-last, and for the default
-UNet on the same Xeon it chose bf16 autocast (0.8 of fp32's time in the probe) while the training step,
-with both discriminators and the losses, took 1.4 times fp32's (README, "Memory and speed").
-:class:`NumericsTrial` settles them on the steps that train anyway. Each candidate (bf16 or fp32, where
+UNet on the same Xeon it timed bf16 autocast at 0.82 of fp32's time while the training step, with both
+discriminators and the losses, took as long in either (README, "Memory and speed").
+:class:`NumericsTrial` settles them on the steps that train anyway. The candidates (bf16 or fp32, where
 precision was ``auto`` and the device runs bf16 natively; contiguous or channels-last, where the memory
-format was ``auto``) runs one untimed step while its kernels are picked, then ``steps`` timed steps
-each, the candidates taking turns so that a burst of load from elsewhere slows them alike. The fastest
-by its best step is kept if it takes at most ``margin`` of the start's best step (the probe's choice);
-otherwise the probe's choice stands.
+format was ``auto``) take turns in ``rounds`` blocks each, so that a burst of load from elsewhere slows
+them alike; a block is one untimed step (the kernels are picked, and the heap settles to the new tensor
+sizes) and ``steps`` timed steps. The fastest by its best step is kept if it takes at most ``margin`` of
+the start's best step (the probe's choice); otherwise the probe's choice stands.
 
 Nothing is recomputed and nothing is kept twice. A layout change converts the weights, their gradients
 and the optimizers' state one tensor at a time; a precision change swaps Lightning's precision plugin
@@ -77,7 +77,8 @@ class NumericsTrial(pl.Callback):
     Args:
         precision: try both bf16 autocast and fp32 (else the run's precision stays).
         layout: try both contiguous and channels-last (else the run's layout stays).
-        steps: timed steps per candidate.
+        steps: timed steps per candidate and round.
+        rounds: blocks per candidate.
         margin: the numerics the run started in are replaced only when another candidate's best step takes
             at most this fraction of their best step.
         on_choice: called with the chosen precision (``"32-true"`` / ``"bf16-mixed"``), memory format and the
@@ -85,15 +86,16 @@ class NumericsTrial(pl.Callback):
             continued run are built in it).
     """
 
-    def __init__(self, precision: bool = False, layout: bool = True, steps: int = 3, margin: float = 0.93,
+    def __init__(self, precision: bool = False, layout: bool = True, steps: int = 2, rounds: int = 2, margin: float = 0.93,
                  on_choice: Callable[[str, str, dict[str, list[float]]], None] | None = None) -> None:
-        if steps < 1 or not 0 < margin <= 1 or not (precision or layout):
-            raise ValueError(f"NumericsTrial needs steps >= 1, 0 < margin <= 1 and something to try, got steps={steps}, "
-                             f"margin={margin}, precision={precision}, layout={layout}")
+        if steps < 1 or rounds < 1 or not 0 < margin <= 1 or not (precision or layout):
+            raise ValueError(f"NumericsTrial needs steps >= 1, rounds >= 1, 0 < margin <= 1 and something to try, got steps={steps}, "
+                             f"rounds={rounds}, margin={margin}, precision={precision}, layout={layout}")
         self.precision, self.layout = bool(precision), bool(layout)
-        self.steps, self.margin, self.on_choice = int(steps), float(margin), on_choice
+        self.steps, self.rounds, self.margin, self.on_choice = int(steps), int(rounds), float(margin), on_choice
         self.choice: Candidate | None = None
         self.candidates: list[Candidate] = []  # the start's numerics first
+        self.schedule: list[tuple[Candidate, bool]] = []  # (candidate, timed) per trial step
         self.seconds: dict[Candidate, list[float]] = {}
         self._count = 0
         self._t0 = 0.0
@@ -105,8 +107,8 @@ class NumericsTrial(pl.Callback):
 
     @property
     def trial_steps(self) -> int:
-        """How many training steps the trial takes: ``candidates * (1 + steps)``."""
-        return (2 if self.precision else 1) * (2 if self.layout else 1) * (1 + self.steps)
+        """How many training steps the trial takes: ``candidates * rounds * (1 + steps)``."""
+        return (2 if self.precision else 1) * (2 if self.layout else 1) * self.rounds * (1 + self.steps)
 
     def _now(self, pl_module: pl.LightningModule) -> float:
         """Seconds on a monotonic clock, after the device has finished what was queued."""
@@ -128,6 +130,7 @@ class NumericsTrial(pl.Callback):
             start = running(trainer, pl_module)
             axes = [(start[i], not start[i]) if tried else (start[i],) for i, tried in enumerate((self.precision, self.layout))]
             self.candidates = list(itertools.product(*axes))
+            self.schedule = [(c, i > 0) for _ in range(self.rounds) for c in self.candidates for i in range(1 + self.steps)]
             self.seconds = {c: [] for c in self.candidates}
         self._t0 = self._now(pl_module)
 
@@ -135,12 +138,12 @@ class NumericsTrial(pl.Callback):
         if self.choice is not None or not self.candidates:
             return
         seconds = self._now(pl_module) - self._t0
-        n = len(self.candidates)
-        if self._count >= n:  # the first step in each candidate picks its kernels
-            self.seconds[self.candidates[self._count % n]].append(seconds)
+        candidate, timed = self.schedule[self._count]
+        if timed:
+            self.seconds[candidate].append(seconds)
         self._count += 1
-        if self._count < n * (1 + self.steps):
-            self._switch(trainer, pl_module, self.candidates[self._count % n])
+        if self._count < len(self.schedule):
+            self._switch(trainer, pl_module, self.schedule[self._count][0])
             return
         start = self.candidates[0]
         fastest = min(self.candidates, key=lambda c: min(self.seconds[c]))
