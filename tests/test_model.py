@@ -34,6 +34,17 @@ def test_image_pool_mixes_history():
     assert torch.equal(ImagePool(0).query(torch.ones(2, 1, 2, 2, 2)), torch.ones(2, 1, 2, 2, 2))
 
 
+def test_image_pool_answers_in_the_querys_dtype():
+    """Fakes stored by bf16 steps (the numerics trial, a resumed bf16 run) come back as fp32 to an fp32 step."""
+    torch.manual_seed(0)
+    pool = ImagePool(size=2)
+    for _ in range(2):
+        pool.query(torch.ones(1, 1, 2, 2, 2, dtype=torch.bfloat16))
+    outs = [pool.query(torch.zeros(2, 1, 2, 2, 2)) for _ in range(10)]
+    assert all(o.dtype == torch.float32 for o in outs)
+    assert any(float(o.max()) == 1.0 for o in outs)  # remembered bf16 fakes among them
+
+
 @pytest.mark.parametrize("loss, passes", [("default", 2), ("+identity", 3)])
 def test_training_step_reuses_fakes_and_updates_all_nets(train_cfg, loss, passes):
     """One step = 4 generator passes (+2 identity), no recomputation of fakes for the D update."""

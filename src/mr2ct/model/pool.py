@@ -36,7 +36,9 @@ class ImagePool:
                 out.append(image)
             elif torch.rand(1).item() < 0.5:
                 idx = int(torch.randint(len(history), (1,)).item())
-                out.append(history[idx].clone())
+                # in the query's dtype: a stored fake may come from steps in other numerics (the numerics trial's
+                # bf16 steps, a checkpoint resumed in fp32), and outside autocast a conv takes one dtype only
+                out.append(history[idx].to(image.dtype, copy=True))
                 history[idx] = image.clone()
             else:
                 out.append(image)
