@@ -29,6 +29,7 @@ from mr2ct import plan
 from mr2ct import profiling as P
 from mr2ct.errors import ConfigError
 from mr2ct.numerics import bf16_fast, resolve
+from mr2ct.training.numerics_trial import trial_axes
 
 #: config groups passed through as overrides like any a.b=c (generator is a key of its own: a list to compare)
 GROUPS = ("loss", "discriminator")
@@ -108,12 +109,12 @@ def main(argv: list[str]) -> dict:
                          *extra, *saver_overrides(saver)]
             cfg = P.compose(overrides, resolve_auto=False)
             # mr2ct.train settles auto numerics on its first steps (mr2ct/training/numerics_trial.py)
-            trial = {"precision": str(cfg.trainer.precision) == "auto" and bf16_native, "layout": str(cfg.model.memory_format) == "auto"}
+            trial = trial_axes(cfg, str(cfg.trainer.precision) == "auto", str(cfg.model.memory_format) == "auto")
             resolve(cfg)  # auto numerics resolved once; the measuring process gets the same choice
             overrides += [f"trainer.precision={cfg.trainer.precision}", f"model.memory_format={cfg.model.memory_format}"]
             t0 = time.time()
             m = P.measure({"kind": "train", "overrides": overrides, "steps": steps, "threads": threads,
-                           "trial": trial if any(trial.values()) else None})
+                           "trial": trial})
             cfg.trainer.precision, cfg.model.memory_format = m["precision"], m["memory_format"]
             trained_with.setdefault(gen, [f"trainer.precision={cfg.trainer.precision}", f"model.memory_format={cfg.model.memory_format}"])
             trace = P.trace_step(cfg)  # the numerics the timed steps ran in

@@ -171,6 +171,7 @@ def test_what_is_tried(train_cfg, monkeypatch):
     monkeypatch.setattr(numerics_trial, "bf16_fast", lambda device: False)
     trial = make_trial(train_cfg(base), True, True, {})
     assert (trial.precision, trial.layout) == (False, True)
+    assert numerics_trial.trial_axes(train_cfg(base), True, True) == {"precision": False, "layout": True}  # what the benchmark passes on
     assert make_trial(train_cfg(base), True, False, {}) is None  # the user's explicit layout stands; bf16 emulated
     monkeypatch.setattr(numerics_trial, "bf16_fast", lambda device: True)
     trial = make_trial(train_cfg(base), True, False, {})

@@ -171,18 +171,25 @@ class NumericsTrial(pl.Callback):
             self.on_choice(precision, memory_format, self.timings)
 
 
-def numerics_trial(cfg: DictConfig, precision_auto: bool, layout_auto: bool, record: dict[str, Any]) -> NumericsTrial | None:
-    """The trial for a run whose ``trainer.precision`` and/or ``model.memory_format`` was ``auto`` (the probe's choice is in ``cfg``).
-
-    Precision is tried only where the training device runs bf16 natively. One device and eager generators
-    only. The choice goes into ``cfg`` (later starts and the continued run are built in it) and ``record``
-    (``precision``, ``memory_format`` and ``trial_seconds``, for run_info.json).
-    """
+def trial_axes(cfg: DictConfig, precision_auto: bool, layout_auto: bool) -> dict[str, bool] | None:
+    """What the trial tries for a run whose ``trainer.precision`` / ``model.memory_format`` was ``auto``, as
+    :class:`NumericsTrial` keywords, or None for no trial: precision only where the training device runs bf16
+    natively; one device and eager generators only."""
     compiled = bool(cfg.model.get("compile", False))
     if compiled or num_devices(cfg.trainer.get("devices", 1)) > 1 or int(cfg.trainer.get("num_nodes", 1)) > 1:
         return None
     precision = precision_auto and bf16_fast(training_device(str(cfg.trainer.get("accelerator", "auto"))))
-    if not (precision or layout_auto):
+    return {"precision": precision, "layout": layout_auto} if precision or layout_auto else None
+
+
+def numerics_trial(cfg: DictConfig, precision_auto: bool, layout_auto: bool, record: dict[str, Any]) -> NumericsTrial | None:
+    """The trial for a run whose ``trainer.precision`` and/or ``model.memory_format`` was ``auto`` (the probe's choice is in ``cfg``).
+
+    The choice goes into ``cfg`` (later starts and the continued run are built in it) and ``record``
+    (``precision``, ``memory_format`` and ``trial_seconds``, for run_info.json).
+    """
+    axes = trial_axes(cfg, precision_auto, layout_auto)
+    if axes is None:
         return None
 
     def chosen(precision: str, memory_format: str, seconds: dict[str, list[float]]) -> None:
@@ -190,4 +197,4 @@ def numerics_trial(cfg: DictConfig, precision_auto: bool, layout_auto: bool, rec
         cfg.model.memory_format = memory_format
         record.update(precision=precision, memory_format=memory_format, trial_seconds=seconds)
 
-    return NumericsTrial(precision=precision, layout=layout_auto, on_choice=chosen)
+    return NumericsTrial(**axes, on_choice=chosen)
