@@ -108,7 +108,7 @@ class NumericsTrial(pl.Callback):
     @property
     def trial_steps(self) -> int:
         """How many training steps the trial takes: ``candidates * rounds * (1 + steps)``."""
-        return (2 if self.precision else 1) * (2 if self.layout else 1) * self.rounds * (1 + self.steps)
+        return (1 + self.precision) * (1 + self.layout) * self.rounds * (1 + self.steps)
 
     def _now(self, pl_module: pl.LightningModule) -> float:
         """Seconds on a monotonic clock, after the device has finished what was queued."""
@@ -127,9 +127,10 @@ class NumericsTrial(pl.Callback):
         if self.choice is not None:
             return
         if not self.candidates:
-            start = running(trainer, pl_module)
-            axes = [(start[i], not start[i]) if tried else (start[i],) for i, tried in enumerate((self.precision, self.layout))]
-            self.candidates = list(itertools.product(*axes))
+            bf16, channels_last = running(trainer, pl_module)  # the start's numerics come first
+            precisions = (bf16, not bf16) if self.precision else (bf16,)
+            layouts = (channels_last, not channels_last) if self.layout else (channels_last,)
+            self.candidates = list(itertools.product(precisions, layouts))
             self.schedule = [(c, i > 0) for _ in range(self.rounds) for c in self.candidates for i in range(1 + self.steps)]
             self.seconds = {c: [] for c in self.candidates}
         self._t0 = self._now(pl_module)
