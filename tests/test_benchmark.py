@@ -31,10 +31,10 @@ def test_benchmark_writes_table_and_json(tmp_path):
     assert "model.optimizer_state=bfloat16" in runs["split+ckpt+bf16_state+trim"]["overrides"]
     assert all("loss=+mind" in r["overrides"] for r in runs.values())  # a config group passes through like a.b=c
     # numerics auto, as mr2ct.train runs them: both layouts (and where bf16 is native, both precisions) tried on the
-    # first steps, two rounds of two timed steps each, then the steps timed
+    # first steps, two rounds of two timed steps each (one, for a candidate 1.5x slower than the best), then the steps timed
     trial = runs["none"]["trial_s"]
     assert {"fp32/contiguous", "fp32/channels_last"} <= trial.keys() or {"bf16/contiguous", "bf16/channels_last"} <= trial.keys()
-    assert all(len(v) == 4 for v in trial.values()) and len(runs["none"]["step_times"]) == 1
+    assert all(len(v) in (2, 4) for v in trial.values()) and len(runs["none"]["step_times"]) == 1
     ceil = report["ceilings"]
     for r in runs.values():
         assert r["median_s"] > 0 and r["flops"] > 0

@@ -71,7 +71,7 @@ def test_the_faster_layout_on_the_training_steps_is_kept(tmp_path, train_cfg, mo
     from mr2ct.train import train
 
     probe_prefers(monkeypatch, channels_last=False)
-    ran = fp32_steps(monkeypatch, {faster: 0.5, not faster: 1.0})
+    ran = fp32_steps(monkeypatch, {faster: 0.8, not faster: 1.0})  # within the drop factor: both run both rounds
     cfg = train_cfg([*tiny(), "model.memory_format=auto", "model.n_epochs=6", "multistart.starts=1", "callbacks.image_logger=null"])
     train(cfg)
     run = tmp_path / "run"
@@ -79,8 +79,8 @@ def test_the_faster_layout_on_the_training_steps_is_kept(tmp_path, train_cfg, mo
     chosen = "channels_last" if faster else "contiguous"
     assert layouts(ran) == ([False] * 3 + [True] * 3) * 2  # two rounds of a block each: one untimed step, two timed
     assert info["numerics"]["memory_format"] == chosen
-    assert info["numerics"]["trial_seconds"] == {"fp32/contiguous": [1.0 if faster else 0.5] * 4,
-                                                 "fp32/channels_last": [0.5 if faster else 1.0] * 4}
+    assert info["numerics"]["trial_seconds"] == {"fp32/contiguous": [1.0 if faster else 0.8] * 4,
+                                                 "fp32/channels_last": [0.8 if faster else 1.0] * 4}
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["mr2ct_config"]["model"]["memory_format"] == chosen
     assert weights_layout(ckpt) == {faster}
@@ -102,7 +102,7 @@ def test_the_first_start_decides_and_the_others_are_built_in_its_choice(tmp_path
     from mr2ct.train import train
 
     probe_prefers(monkeypatch, channels_last=False)
-    ran = fp32_steps(monkeypatch, {True: 0.5, False: 1.0})
+    ran = fp32_steps(monkeypatch, {True: 0.8, False: 1.0})
     cfg = train_cfg([*tiny(), "model.memory_format=auto", "model.n_epochs=8", "multistart.starts=2", "multistart.epochs=6",
                      "callbacks.image_logger=null"])
     train(cfg)
@@ -122,7 +122,7 @@ def test_precision_is_settled_on_the_training_steps(tmp_path, train_cfg, monkeyp
 
     native_bf16(monkeypatch)
     probe_prefers(monkeypatch, bf16=True)
-    ran = scripted_steps(monkeypatch, {(faster, False): 0.5, (not faster, False): 1.0})
+    ran = scripted_steps(monkeypatch, {(faster, False): 0.8, (not faster, False): 1.0})
     autocast: list[bool] = []
     step = CycleGAN.training_step
 
@@ -140,29 +140,44 @@ def test_precision_is_settled_on_the_training_steps(tmp_path, train_cfg, monkeyp
     assert set(autocast[12:]) == {faster}  # and every step after the trial runs in the choice
     info = json.loads((run / "run_info.json").read_text())
     assert info["numerics"]["precision"] == chosen and info["numerics"]["memory_format"] == "contiguous"
-    assert info["numerics"]["trial_seconds"] == {"bf16/contiguous": [0.5 if faster else 1.0] * 4,
-                                                 "fp32/contiguous": [1.0 if faster else 0.5] * 4}
+    assert info["numerics"]["trial_seconds"] == {"bf16/contiguous": [0.8 if faster else 1.0] * 4,
+                                                 "fp32/contiguous": [1.0 if faster else 0.8] * 4}
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["mr2ct_config"]["trainer"]["precision"] == chosen
     assert OmegaConf.select(cfg, "trainer.precision") == chosen
 
 
 def test_both_auto_tries_four_candidates_and_keeps_the_fastest(tmp_path, train_cfg, monkeypatch):
+    """Four candidates in the first round; those over 1.5x the best step sit out the second (the start among them)."""
     from mr2ct.train import train
 
     native_bf16(monkeypatch)
     probe_prefers(monkeypatch, bf16=True, channels_last=False)
-    seconds = {(BF16, False): 1.0, (BF16, True): 0.9, (FP32, False): 0.8, (FP32, True): 0.6}
+    seconds = {(BF16, False): 2.0, (BF16, True): 0.8, (FP32, False): 1.2, (FP32, True): 0.6}
     ran = scripted_steps(monkeypatch, seconds)
     cfg = train_cfg([*tiny(), "trainer.precision=auto", "model.memory_format=auto", "model.n_epochs=13", "multistart.starts=1",
                      "callbacks.image_logger=null"])
     train(cfg)
-    order = [(BF16, False), (BF16, True), (FP32, False), (FP32, True)]
-    assert ran == [c for _ in range(2) for c in order for _ in range(3)]
+    first = [(BF16, False), (BF16, True), (FP32, False), (FP32, True)]
+    second = [(BF16, True), (FP32, True)]  # within 1.5 x 0.6 s
+    assert ran == [c for c in first for _ in range(3)] + [c for c in second for _ in range(3)]  # 18 steps, not 24
     numerics_info = json.loads((tmp_path / "run" / "run_info.json").read_text())["numerics"]
     assert (numerics_info["precision"], numerics_info["memory_format"]) == ("32-true", "channels_last")
+    assert numerics_info["trial_seconds"] == {"bf16/contiguous": [2.0] * 2, "bf16/channels_last": [0.8] * 4,
+                                              "fp32/contiguous": [1.2] * 2, "fp32/channels_last": [0.6] * 4}
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert weights_layout(ckpt) == {True}
+
+
+def test_no_candidate_is_dropped_within_the_drop_factor(monkeypatch):
+    """The schedule grows round by round: a candidate within ``drop`` times the best runs every round, one beyond it only the first."""
+    trial = NumericsTrial(precision=True, layout=True, drop=2.0)
+    trial.candidates = [(BF16, False), (BF16, True), (FP32, False), (FP32, True)]
+    trial.seconds = {c: [] for c in trial.candidates}
+    assert trial._next_round() and len(trial.schedule) == 12
+    trial.seconds = {(BF16, False): [2.0], (BF16, True): [1.4], (FP32, False): [1.0], (FP32, True): [0.9]}
+    assert trial._next_round() and [c for c, _ in trial.schedule[12:]] == [c for c in [(BF16, True), (FP32, False), (FP32, True)] for _ in range(3)]
+    assert not trial._next_round()  # two rounds
 
 
 def test_what_is_tried(train_cfg, monkeypatch):
@@ -220,4 +235,23 @@ def test_trial_arguments_are_checked():
         NumericsTrial(rounds=0)
     with pytest.raises(ValueError):
         NumericsTrial(precision=False, layout=False)
+    with pytest.raises(ValueError):
+        NumericsTrial(drop=0.9)
     assert numerics_trial.FORMATS == {False: "contiguous", True: "channels_last"}
+
+
+def test_the_benchmark_times_the_steps_after_a_trial_that_ended_early(monkeypatch, tmp_path):
+    """profiling.measure runs the trial as train does; when a candidate is dropped the trial is shorter, and the
+    timed steps are the ones after it, in its choice, as many as asked."""
+    import importlib
+
+    measure = importlib.import_module("mr2ct.profiling.measure")  # the module (the package exports its function of that name)
+
+    monkeypatch.setattr(numerics_trial, "bf16_fast", lambda device: False)
+    fp32_steps(monkeypatch, {False: 1.0, True: 0.4})  # contiguous 2.5x slower: it sits out the second round
+    overrides = [*tiny(), "trainer.precision=32-true", "model.memory_format=contiguous", "data.patch_size=[16,16,16]",
+                 f"paths.output_dir={tmp_path}"]
+    out = measure._measure_train(overrides, steps=3, threads=1, trial={"precision": False, "layout": True})
+    assert out["trial_seconds"] == {"fp32/contiguous": [1.0] * 2, "fp32/channels_last": [0.4] * 4}
+    assert out["memory_format"] == "channels_last" and out["steps"] == 3
+    assert out["pool_images"] == 9 + 3  # 9 trial steps (not 12), then the 3 timed: the fit stopped there

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -53,9 +53,10 @@ MEMORY_CALLBACKS = ("heap_trim",)
 
 
 class _StepTimer:
-    """Lightning callback recording the wall time of each training batch (one full CycleGAN step)."""
+    """Lightning callback recording the wall time of each training batch (one full CycleGAN step); the fit stops
+    once ``batches()`` batches have run."""
 
-    def __new__(cls, device: torch.device):  # built lazily: importing Lightning costs seconds
+    def __new__(cls, device: torch.device, batches: Callable[[], int]):  # built lazily: importing Lightning costs seconds
         import pytorch_lightning as pl
 
         class StepTimer(pl.Callback):
@@ -68,10 +69,12 @@ class _StepTimer:
                     torch.cuda.synchronize()
                 self._t0 = time.perf_counter()
 
-            def on_train_batch_end(self, *args: Any) -> None:
+            def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 self.times.append(time.perf_counter() - self._t0)
+                if len(self.times) >= batches():
+                    trainer.should_stop = True
                 if len(self.times) == 1 and device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
 
@@ -89,7 +92,11 @@ def _measure_train(overrides: Sequence[str], steps: int, threads: int | None, tr
 
     cfg = compose(overrides)
     trial = NumericsTrial(**trial) if trial else None
-    skip = 1 if trial is None else trial.trial_steps
+
+    def skipped() -> int:  # the trial may end early, when it drops a candidate
+        return 1 if trial is None else trial.steps_taken if trial.choice is not None else trial.trial_steps
+
+    skip = skipped()
     runtime = current_rss()
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu")
     pl.seed_everything(0, verbose=False)
@@ -104,7 +111,7 @@ def _measure_train(overrides: Sequence[str], steps: int, threads: int | None, tr
             return {k: v[0] for k, v in random_batch(1, patch).items()}
 
     loader = torch.utils.data.DataLoader(Patches(), batch_size=batch)
-    timer = _StepTimer(device)
+    timer = _StepTimer(device, lambda: skipped() + steps)
     # the callbacks that change a step's memory or time; the rest (images, validation, checkpoints) do not run
     memory = [instantiate(cfg.callbacks[k]) for k in MEMORY_CALLBACKS if k in (cfg.get("callbacks") or {})]
     trainer = instantiate(
@@ -114,13 +121,13 @@ def _measure_train(overrides: Sequence[str], steps: int, threads: int | None, tr
     )
     trainer.fit(model, train_dataloaders=loader)
     # the first step pays allocation, oneDNN kernel selection, compilation (steps=0: memory only)
-    times = timer.times[skip:] or timer.times[:1]
+    times = timer.times[skipped():] or timer.times[:1]
     out: dict[str, Any] = {
         "precision": str(trainer.precision), "memory_format": FORMATS[bool(model.channels_last)],
         "trial_seconds": None if trial is None else trial.timings,
         "device": device.type, "threads": torch.get_num_threads(), "step_times": times,
         "median_s": statistics.median(times), "first_step_s": timer.times[0],
-        "peak_rss": peak_rss(), "runtime_rss": runtime, "steps": len(times), "pool_images": batch * (steps + skip),
+        "peak_rss": peak_rss(), "runtime_rss": runtime, "steps": len(times), "pool_images": batch * len(timer.times),
     }
     if device.type == "cuda":
         out["peak_cuda"] = torch.cuda.max_memory_allocated()

@@ -9,8 +9,11 @@ discriminators and the losses, took as long in either (README, "Memory and speed
 precision was ``auto`` and the device runs bf16 natively; contiguous or channels-last, where the memory
 format was ``auto``) take turns in ``rounds`` blocks each, so that a burst of load from elsewhere slows
 them alike; a block is one untimed step (the kernels are picked, and the heap settles to the new tensor
-sizes) and ``steps`` timed steps. The fastest by its best step is kept if it takes at most ``margin`` of
-the start's best step (the probe's choice); otherwise the probe's choice stands.
+sizes) and ``steps`` timed steps. A candidate whose best step after a round takes more than ``drop`` times the
+best of all so far sits out the later rounds (bf16 autocast on a CPU where it is emulated or slow takes twice
+fp32's time and more): the trial then costs the steps of the candidates still in it. The fastest by its best
+step is kept if it takes at most ``margin`` of the start's best step (the probe's choice); otherwise the probe's
+choice stands.
 
 Nothing is recomputed and nothing is kept twice. A layout change converts the weights, their gradients
 and the optimizers' state one tensor at a time; a precision change swaps Lightning's precision plugin
@@ -81,23 +84,26 @@ class NumericsTrial(pl.Callback):
         rounds: blocks per candidate.
         margin: the numerics the run started in are replaced only when another candidate's best step takes
             at most this fraction of their best step.
+        drop: after each round but the last, a candidate whose best step takes more than this multiple of the
+            best step of all is not tried again (``inf``: every candidate runs every round).
         on_choice: called with the chosen precision (``"32-true"`` / ``"bf16-mixed"``), memory format and the
             timings once decided (train.py writes the choice into the run's config, so later starts and the
             continued run are built in it).
     """
 
     def __init__(self, precision: bool = False, layout: bool = True, steps: int = 2, rounds: int = 2, margin: float = 0.93,
-                 on_choice: Callable[[str, str, dict[str, list[float]]], None] | None = None) -> None:
-        if steps < 1 or rounds < 1 or not 0 < margin <= 1 or not (precision or layout):
-            raise ValueError(f"NumericsTrial needs steps >= 1, rounds >= 1, 0 < margin <= 1 and something to try, got steps={steps}, "
-                             f"rounds={rounds}, margin={margin}, precision={precision}, layout={layout}")
+                 drop: float = 1.5, on_choice: Callable[[str, str, dict[str, list[float]]], None] | None = None) -> None:
+        if steps < 1 or rounds < 1 or not 0 < margin <= 1 or not drop >= 1 or not (precision or layout):
+            raise ValueError(f"NumericsTrial needs steps >= 1, rounds >= 1, 0 < margin <= 1, drop >= 1 and something to try, got "
+                             f"steps={steps}, rounds={rounds}, margin={margin}, drop={drop}, precision={precision}, layout={layout}")
         self.precision, self.layout = bool(precision), bool(layout)
-        self.steps, self.rounds, self.margin, self.on_choice = int(steps), int(rounds), float(margin), on_choice
+        self.steps, self.rounds, self.margin, self.drop, self.on_choice = int(steps), int(rounds), float(margin), float(drop), on_choice
         self.choice: Candidate | None = None
         self.candidates: list[Candidate] = []  # the start's numerics first
-        self.schedule: list[tuple[Candidate, bool]] = []  # (candidate, timed) per trial step
+        self.schedule: list[tuple[Candidate, bool]] = []  # (candidate, timed) per trial step, the rounds so far
         self.seconds: dict[Candidate, list[float]] = {}
-        self._count = 0
+        self.steps_taken = 0  # training steps the trial has run (all of it, once ``choice`` is set)
+        self._round = 0
         self._t0 = 0.0
 
     @property
@@ -107,8 +113,21 @@ class NumericsTrial(pl.Callback):
 
     @property
     def trial_steps(self) -> int:
-        """How many training steps the trial takes: ``candidates * rounds * (1 + steps)``."""
+        """The most training steps the trial takes (no candidate dropped): ``candidates * rounds * (1 + steps)``."""
         return (1 + self.precision) * (1 + self.layout) * self.rounds * (1 + self.steps)
+
+    def _next_round(self) -> bool:
+        """Schedule a block for each candidate still in the trial; False when every round has run."""
+        if self._round == self.rounds:
+            return False
+        if self._round == 0:
+            tried = self.candidates
+        else:
+            best = min(min(v) for v in self.seconds.values() if v)
+            tried = [c for c in self.candidates if self.seconds[c] and min(self.seconds[c]) <= self.drop * best]
+        self._round += 1
+        self.schedule += [(c, i > 0) for c in tried for i in range(1 + self.steps)]
+        return True
 
     def _now(self, pl_module: pl.LightningModule) -> float:
         """Seconds on a monotonic clock, after the device has finished what was queued."""
@@ -131,20 +150,20 @@ class NumericsTrial(pl.Callback):
             precisions = (bf16, not bf16) if self.precision else (bf16,)
             layouts = (channels_last, not channels_last) if self.layout else (channels_last,)
             self.candidates = list(itertools.product(precisions, layouts))
-            self.schedule = [(c, i > 0) for _ in range(self.rounds) for c in self.candidates for i in range(1 + self.steps)]
             self.seconds = {c: [] for c in self.candidates}
+            self._next_round()
         self._t0 = self._now(pl_module)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:  # noqa: ANN001
         if self.choice is not None or not self.candidates:
             return
         seconds = self._now(pl_module) - self._t0
-        candidate, timed = self.schedule[self._count]
+        candidate, timed = self.schedule[self.steps_taken]
         if timed:
             self.seconds[candidate].append(seconds)
-        self._count += 1
-        if self._count < len(self.schedule):
-            self._switch(trainer, pl_module, self.schedule[self._count][0])
+        self.steps_taken += 1
+        if self.steps_taken < len(self.schedule) or self._next_round():
+            self._switch(trainer, pl_module, self.schedule[self.steps_taken][0])
             return
         start = self.candidates[0]
         fastest = min(self.candidates, key=lambda c: min(self.seconds[c]))
