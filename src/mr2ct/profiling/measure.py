@@ -93,10 +93,12 @@ def _measure_train(overrides: Sequence[str], steps: int, threads: int | None, tr
     cfg = compose(overrides)
     trial = NumericsTrial(**trial) if trial else None
 
-    def skipped() -> int:  # the trial may end early, when it drops a candidate
-        return 1 if trial is None else trial.steps_taken if trial.choice is not None else trial.trial_steps
+    # untimed steps before the measured ones: one warm-up, or the trial's steps (fewer than its most when it drops a candidate)
+    most_skipped = 1 if trial is None else trial.trial_steps
 
-    skip = skipped()
+    def skipped() -> int:
+        return trial.steps_taken if trial is not None and trial.choice is not None else most_skipped
+
     runtime = current_rss()
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu")
     pl.seed_everything(0, verbose=False)
@@ -105,7 +107,7 @@ def _measure_train(overrides: Sequence[str], steps: int, threads: int | None, tr
 
     class Patches(torch.utils.data.Dataset):
         def __len__(self) -> int:
-            return batch * (steps + skip)
+            return batch * (steps + most_skipped)
 
         def __getitem__(self, i: int) -> dict[str, Tensor]:
             return {k: v[0] for k, v in random_batch(1, patch).items()}
@@ -115,7 +117,7 @@ def _measure_train(overrides: Sequence[str], steps: int, threads: int | None, tr
     # the callbacks that change a step's memory or time; the rest (images, validation, checkpoints) do not run
     memory = [instantiate(cfg.callbacks[k]) for k in MEMORY_CALLBACKS if k in (cfg.get("callbacks") or {})]
     trainer = instantiate(
-        cfg.trainer, default_root_dir=cfg.paths.output_dir, max_steps=2 * (steps + skip), max_epochs=-1,
+        cfg.trainer, default_root_dir=cfg.paths.output_dir, max_steps=2 * (steps + most_skipped), max_epochs=-1,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer, *memory, *([trial] if trial else [])], devices=1, strategy="auto",
     )
