@@ -273,6 +273,7 @@ def test_cli_errors_have_no_traceback(tmp_path):
         ("train", "data.patch_size=[16,16", "cannot parse 'data.patch_size=[16,16'"),
         ("train", "data.augment.noise_domains=[mri,pet]", "data.augment.noise_domains takes mri and/or ct, got ['pet']"),
         ("train", "data.patches_per_epoch=0", "data.patches_per_epoch must be >= 1 or null, got 0"),
+        ("train", "data.augment.rotation_mode=cubic", "data.augment.rotation_mode must be bilinear or nearest, got 'cubic'"),
         ("evaluate", "out_dir=x", "unknown key 'out_dir'"),
     ],
 )

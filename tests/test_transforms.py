@@ -88,3 +88,31 @@ def test_patch_transforms_with_augmentation_and_several_samples(k):
     out = xform({"im": torch.rand(1, 32, 32, 32)})
     patches = out if isinstance(out, list) else [out]
     assert len(patches) == k and all(p["im"].shape == (1, 16, 16, 16) for p in patches)
+
+
+def test_nearest_rotation_keeps_a_thin_shell_at_full_value():
+    """Linear interpolation spreads a one-voxel plane of 1300 HU over two voxels at a lower value; nearest keeps every value."""
+    vol = torch.full((1, 24, 24, 24), 50.0)
+    vol[:, :, :, 11] = 1300.0  # a one-voxel "cortical" plane
+    peaks = {}
+    for mode in ("bilinear", "nearest"):
+        rot = RandGaussianRotated(["im"], std_deg=10.0, prob=1.0, axes=(0,), mode=mode)
+        rot.set_random_state(3)
+        out = rot({"im": vol})["im"][0, 4:-4, 4:-4, 4:-4]  # inside the border padding
+        assert rot._angles[0] != 0.0
+        peaks[mode] = out.amax(dim=2)  # the plane's brightest voxel along each line that crosses it
+        if mode == "nearest":
+            assert set(out.unique().tolist()) <= {50.0, 1300.0}
+    assert float(peaks["nearest"].min()) == 1300.0
+    assert float(peaks["bilinear"].median()) < 1200.0
+
+
+def test_patch_transforms_pass_the_rotation_mode():
+    aug = {"rotation_std_deg": 10.0, "rotation_prob": 1.0, "rotation_mode": "nearest"}
+    xform = patch_transforms(["im"], (16, 16, 16), augment=aug)
+    xform.set_random_state(1)
+    vol = torch.randint(0, 5, (1, 24, 24, 24)).float()
+    out = xform({"im": vol})["im"]
+    assert set(out.unique().tolist()) <= set(vol.unique().tolist())
+    with pytest.raises(ValueError, match="bilinear or nearest"):
+        RandGaussianRotated(["im"], mode="bicubic")

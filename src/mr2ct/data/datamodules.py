@@ -69,6 +69,8 @@ class CycleGANDataModule(pl.LightningDataModule):
         self.noise_domains = list(self.augment.pop("noise_domains", ["mri", "ct"]))
         if unknown := sorted(set(self.noise_domains) - {"mri", "ct"}):
             raise ConfigError(f"data.augment.noise_domains takes mri and/or ct, got {unknown}")
+        if (mode := self.augment.get("rotation_mode", "bilinear")) not in ("bilinear", "nearest"):
+            raise ConfigError(f"data.augment.rotation_mode must be bilinear or nearest, got {mode!r}")
         if cache not in ("memory", "disk", "none"):
             raise ConfigError(f"data.cache must be 'memory', 'disk' or 'none', got {cache!r}")
         if cache == "disk" and not cache_dir:

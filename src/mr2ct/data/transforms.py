@@ -68,8 +68,9 @@ class RandGaussianRotated(RandomizableTransform, MapTransform):
     """Rotate by an angle ~ N(0, ``std_deg``) about one randomly chosen axis (or about each of ``axes``).
 
     The original data set was inflated with 10 such rotations per volume; here every draw is new.
-    Linear interpolation, border padding (the patch is cropped with a margin beforehand, so the border
-    rarely shows).
+    ``mode``: ``bilinear`` (linear interpolation) or ``nearest`` (every output voxel is an input voxel,
+    so a one-voxel cortical shell keeps its HU instead of being spread over two voxels at a lower
+    value); border padding (the patch is cropped with a margin beforehand, so the border rarely shows).
     """
 
     def __init__(
@@ -79,9 +80,13 @@ class RandGaussianRotated(RandomizableTransform, MapTransform):
         prob: float = 0.5,
         axes: Sequence[int] | None = None,
         allow_missing_keys: bool = False,
+        mode: str = "bilinear",
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         RandomizableTransform.__init__(self, prob)
+        if mode not in ("bilinear", "nearest"):
+            raise ValueError(f"rotation mode must be bilinear or nearest, got {mode!r}")
+        self.mode = mode
         self.std_rad = math.radians(std_deg)
         self.axes = tuple(axes) if axes is not None else None
         self._angles = (0.0, 0.0, 0.0)
@@ -101,7 +106,7 @@ class RandGaussianRotated(RandomizableTransform, MapTransform):
         self.randomize()
         if not self._do_transform:
             return d
-        rotate = Rotate(angle=self._angles, keep_size=True, mode="bilinear", padding_mode="border")
+        rotate = Rotate(angle=self._angles, keep_size=True, mode=self.mode, padding_mode="border")
         for key in self.key_iterator(d):
             d[key] = rotate(d[key])
         return d
@@ -211,7 +216,8 @@ def patch_transforms(
     else:
         xforms.append(RandSpatialCropd(both, roi_size=crop, random_size=False))
     if rotate:
-        xforms += [RandGaussianRotated(both, std_deg=rot_std, prob=rot_prob), CenterSpatialCropd(both, roi_size=patch)]
+        mode = str(augment.get("rotation_mode", "bilinear"))
+        xforms += [RandGaussianRotated(both, std_deg=rot_std, prob=rot_prob, mode=mode), CenterSpatialCropd(both, roi_size=patch)]
     noise_prob = float(augment.get("noise_prob", 0.0))
     noisy = images if noisy is None else [k for k in images if k in noisy]
     if noise_prob > 0 and noisy:
