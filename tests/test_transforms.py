@@ -114,5 +114,5 @@ def test_patch_transforms_pass_the_rotation_mode():
     vol = torch.randint(0, 5, (1, 24, 24, 24)).float()
     out = xform({"im": vol})["im"]
     assert set(out.unique().tolist()) <= set(vol.unique().tolist())
-    with pytest.raises(ValueError, match="bilinear or nearest"):
+    with pytest.raises(ValueError, match="rotation mode must be one of"):
         RandGaussianRotated(["im"], mode="bicubic")

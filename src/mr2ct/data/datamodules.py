@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from mr2ct.data.checks import CheckVolumed, LoadVolumed
 from mr2ct.data.patches import TrainPatches
-from mr2ct.data.transforms import BodyMaskd, PhantomLoadd, normalize_ct, normalize_mri, patch_transforms
+from mr2ct.data.transforms import ROTATION_MODES, BodyMaskd, PhantomLoadd, normalize_ct, normalize_mri, patch_transforms
 from mr2ct.errors import ConfigError
 from mr2ct.formats import list_volumes, volume_stem
 
@@ -69,7 +69,7 @@ class CycleGANDataModule(pl.LightningDataModule):
         self.noise_domains = list(self.augment.pop("noise_domains", ["mri", "ct"]))
         if unknown := sorted(set(self.noise_domains) - {"mri", "ct"}):
             raise ConfigError(f"data.augment.noise_domains takes mri and/or ct, got {unknown}")
-        if (mode := self.augment.get("rotation_mode", "bilinear")) not in ("bilinear", "nearest"):
+        if (mode := self.augment.get("rotation_mode", "bilinear")) not in ROTATION_MODES:
             raise ConfigError(f"data.augment.rotation_mode must be bilinear or nearest, got {mode!r}")
         if cache not in ("memory", "disk", "none"):
             raise ConfigError(f"data.cache must be 'memory', 'disk' or 'none', got {cache!r}")

@@ -64,6 +64,10 @@ def normalize_mri(keys: KeysCollection, percentiles: Sequence[float]) -> ScaleIn
     )
 
 
+#: interpolation of :class:`RandGaussianRotated` (``data.augment.rotation_mode``)
+ROTATION_MODES = ("bilinear", "nearest")
+
+
 class RandGaussianRotated(RandomizableTransform, MapTransform):
     """Rotate by an angle ~ N(0, ``std_deg``) about one randomly chosen axis (or about each of ``axes``).
 
@@ -84,8 +88,8 @@ class RandGaussianRotated(RandomizableTransform, MapTransform):
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         RandomizableTransform.__init__(self, prob)
-        if mode not in ("bilinear", "nearest"):
-            raise ValueError(f"rotation mode must be bilinear or nearest, got {mode!r}")
+        if mode not in ROTATION_MODES:
+            raise ValueError(f"rotation mode must be one of {ROTATION_MODES}, got {mode!r}")
         self.mode = mode
         self.std_rad = math.radians(std_deg)
         self.axes = tuple(axes) if axes is not None else None
