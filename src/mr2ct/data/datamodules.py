@@ -70,7 +70,7 @@ class CycleGANDataModule(pl.LightningDataModule):
         if unknown := sorted(set(self.noise_domains) - {"mri", "ct"}):
             raise ConfigError(f"data.augment.noise_domains takes mri and/or ct, got {unknown}")
         if (mode := self.augment.get("rotation_mode", "bilinear")) not in ROTATION_MODES:
-            raise ConfigError(f"data.augment.rotation_mode must be bilinear or nearest, got {mode!r}")
+            raise ConfigError(f"data.augment.rotation_mode must be {' or '.join(ROTATION_MODES)}, got {mode!r}")
         if cache not in ("memory", "disk", "none"):
             raise ConfigError(f"data.cache must be 'memory', 'disk' or 'none', got {cache!r}")
         if cache == "disk" and not cache_dir:
