@@ -17,7 +17,7 @@ from conftest import compose_train_cfg, run_cli, run_tool_here, tiny
 from mr2ct.checkpoints import load_generator
 from mr2ct.config import CONFIG_DIR
 from mr2ct.data.phantom import make_phantom
-from mr2ct.inference import LayoutChooser, Preprocessing, inference_numerics, translate_array, translate_volume
+from mr2ct.inference import NumericsChooser, Preprocessing, inference_numerics, translate_array, translate_volume
 from mr2ct.translate import run
 
 
@@ -49,8 +49,9 @@ def test_load_generator_rebuilds_weights(ckpt):
     assert cfg["data"]["patch_size"] == [16, 16, 16] and not g_ab.training
 
 
-class LayoutTimedNet(torch.nn.Module):
-    """Doubles its input; in its ``slow`` layout (that of its 5-D weight) a call takes 20 ms. Records the layouts."""
+class TimedNet(torch.nn.Module):
+    """Doubles its input; a call takes 20 ms in its ``slow`` layout (that of its 5-D weight) or precision (under
+    bf16 autocast or not). Records the (precision, layout) of each call."""
 
     def __init__(self, slow: str):
         super().__init__()
@@ -59,36 +60,63 @@ class LayoutTimedNet(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layout = "contiguous" if self.w.is_contiguous() else "channels_last"
-        self.seen.append(layout)
-        if layout == self.slow:
+        precision = "bf16-mixed" if torch.is_autocast_enabled("cpu") else "32-true"
+        self.seen.append((precision, layout))
+        if self.slow in (layout, precision):
             time.sleep(0.02)
         return x * 2
 
 
 @pytest.mark.parametrize("slow,kept", [("contiguous", "channels_last"), ("channels_last", "contiguous")])
 def test_layout_chooser_tries_both_layouts_then_keeps_the_faster(slow, kept):
-    net = LayoutTimedNet(slow)
-    chooser = LayoutChooser(net, rounds=2)
+    net = TimedNet(slow)
+    chooser = NumericsChooser(net, ("32-true",), rounds=2)
     x = torch.randn(1, 1, 4, 5, 6)
     outs = [chooser(x) for _ in range(10)]
     assert all(torch.equal(o, 2 * x) for o in outs)  # every window's output is used
-    assert net.seen[:6] == ["contiguous"] * 3 + ["channels_last"] * 3  # each: a warm-up, then two timed windows
-    assert chooser.choice == kept and net.seen[6:] == [kept] * 4
+    assert [f for _, f in net.seen[:6]] == ["contiguous"] * 3 + ["channels_last"] * 3  # each: a warm-up, then two timed windows
+    assert chooser.choice == ("32-true", kept) and [f for _, f in net.seen[6:]] == [kept] * 4
     assert net.w.is_contiguous() == (kept == "contiguous")  # the module is left in the layout kept
-    assert len(chooser.seconds["contiguous"]) == len(chooser.seconds["channels_last"]) == 2
+    assert all(len(t) == 2 for t in chooser.seconds.values())
+
+
+@pytest.mark.parametrize("slow,kept", [("32-true", "bf16-mixed"), ("bf16-mixed", "32-true")])
+def test_precision_chooser_times_fp32_and_bf16_windows_then_keeps_the_faster(slow, kept):
+    net = TimedNet(slow)
+    chooser = NumericsChooser(net, ("32-true", "bf16-mixed"), ("contiguous",), rounds=2)
+    x = torch.randn(1, 1, 4, 5, 6)
+    outs = [chooser(x) for _ in range(9)]
+    assert all(torch.equal(o, 2 * x) for o in outs)
+    assert [p for p, _ in net.seen[:6]] == ["32-true"] * 3 + ["bf16-mixed"] * 3  # the bf16 windows ran under autocast
+    assert chooser.choice == (kept, "contiguous") and [p for p, _ in net.seen[6:]] == [kept] * 3
+    assert not torch.is_autocast_enabled("cpu")  # autocast ends with each window
+
+
+def test_numerics_for_translation(ckpt, monkeypatch):
+    _, run_config = load_generator(ckpt, "a2b")
+    cpu = torch.device("cpu")
+    for fast in (True, False):
+        monkeypatch.setattr("mr2ct.inference.bf16_fast", lambda device, fast=fast: fast)
+        # precision auto is timed where bf16 is native, fp32 elsewhere, whatever the run trained with
+        assert inference_numerics(run_config, cpu) == ("auto" if fast else "32-true", "auto")
+        assert inference_numerics({"trainer": {"precision": "bf16-mixed"}}, cpu)[0] == ("auto" if fast else "32-true")
+    assert inference_numerics(run_config, cpu, "bf16-mixed", "channels_last") == ("bf16-mixed", "channels_last")  # explicit values win
+    assert inference_numerics(run_config, cpu, model_path="g.onnx") == ("32-true", "contiguous")  # exports run as exported
+    for bad in ({"memory_format": "nhwc"}, {"precision": "fp16"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            inference_numerics(run_config, cpu, **bad)
 
 
 def test_auto_layout_translates_as_contiguous_does(ckpt):
     g_ab, run_config = load_generator(ckpt, "a2b")
-    assert inference_numerics(run_config, torch.device("cpu"))[1] == "auto"  # the windows' layout is timed, not the run's
-    assert inference_numerics(run_config, torch.device("cpu"), model_path="g.onnx")[1] == "contiguous"  # exports run as exported
-    with pytest.raises(ValueError, match="memory_format"):
-        inference_numerics(run_config, torch.device("cpu"), memory_format="nhwc")
     vol = torch.rand(1, 1, 32, 32, 40) * 2 - 1  # 27 windows of 16³: the choice is made after 6
     kwargs = {"roi_size": [16, 16, 16], "overlap": 0.25, "sw_batch_size": 1}
     plain = translate_volume(g_ab, vol, memory_format="contiguous", **kwargs)
     timed = translate_volume(g_ab, vol, memory_format="auto", **kwargs)
     torch.testing.assert_close(timed, plain, rtol=0, atol=1e-5)
+    # 12 windows of the 27 timed; bf16 windows differ from fp32 ones by bf16's rounding only
+    both = translate_volume(g_ab, vol, precision="auto", memory_format="auto", **kwargs)
+    torch.testing.assert_close(both, plain, rtol=0, atol=2e-2)
 
 
 def test_output_keeps_shape_affine_and_input_orientation(ckpt, mri):
@@ -164,6 +192,10 @@ def test_cli_writes_sct_and_bone_and_never_overwrites(ckpt, mri, tmp_path, capsy
 
     bad = run_tool_here(["mr2ct.translate", f"ckpt={tmp_path / 'missing.ckpt'}", f"input={src}", f"output={tmp_path / 'x.nii.gz'}", f"hydra.run.dir={tmp_path / 'h2'}"], capsys)
     assert bad.returncode == 2 and "mr2ct: error: checkpoint not found" in bad.stderr and "Traceback" not in bad.stderr
+    bad = run_tool_here(["mr2ct.translate", f"ckpt={ckpt}", f"input={src}", f"output={tmp_path / 'y.nii.gz'}", "precision=fp16",
+                         f"hydra.run.dir={tmp_path / 'h3'}"], capsys)
+    assert bad.returncode == 2 and "mr2ct: error: precision must be one of" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "y.nii.gz").exists()
 
 
 def test_every_format_in_gives_the_same_synthetic_ct_and_a_folder_run_skips_bad_files(ckpt, mri, tmp_path, capsys):

@@ -26,8 +26,9 @@ from mr2ct.data.transforms import hu_to_unit, unit_to_hu
 from mr2ct.numerics import bf16_fast, fixed_mmap_threshold
 
 log = logging.getLogger("mr2ct.inference")
-#: what ``memory_format`` may say for a translation ("auto": :class:`LayoutChooser`)
+#: what ``memory_format`` and ``precision`` may say for a translation ("auto": :class:`NumericsChooser` times them)
 WINDOW_FORMATS = ("contiguous", "channels_last", "auto")
+WINDOW_PRECISIONS = ("32-true", "bf16-mixed", "auto")
 
 
 def _check_format(memory_format: str) -> str:
@@ -45,18 +46,20 @@ def inference_numerics(
 ) -> tuple[str, str]:
     """(precision, memory format) for translating with a run's generator on ``device``.
 
-    Precision ``auto`` takes what the run trained with (its resolved ``trainer.precision``), except bf16 where
-    ``device`` has no native bf16 (emulated bf16 is far slower than fp32). Memory format ``auto`` stays ``auto``:
-    :func:`translate_volume` times both layouts on the first windows (:class:`LayoutChooser`), since the
-    layout that trains faster need not be the one that runs a forward pass faster. Deployable exports
-    (``.onnx``, ``.pt``) run as exported: fp32, contiguous.
+    ``auto`` stays ``auto`` where there is a choice to time: :func:`translate_volume` runs the first windows under
+    each candidate (:class:`NumericsChooser`) and keeps the fastest, since the numerics that train faster need not
+    run a forward pass faster. Precision ``auto`` becomes fp32 where ``device`` has no native bf16 (emulated bf16
+    is far slower). Deployable exports (``.onnx``, ``.pt``) run as exported: contiguous, and fp32 unless told.
     """
+    if precision not in WINDOW_PRECISIONS:
+        raise ValueError(f"precision must be one of {WINDOW_PRECISIONS}, got {precision!r}")
+    _check_format(memory_format)
     if Path(model_path).suffix in (".onnx", ".pt"):
-        run_config, memory_format = {}, "contiguous"
-    if precision == "auto":
-        trained = str(run_config.get("trainer", {}).get("precision", "32-true"))
-        precision = "bf16-mixed" if "bf16" in trained and bf16_fast(device) else "32-true"
-    return precision, _check_format(memory_format)
+        memory_format = "contiguous"
+        precision = "32-true" if precision == "auto" else precision
+    if precision == "auto" and not bf16_fast(device):
+        precision = "32-true"
+    return precision, memory_format
 
 
 def place_generator(generator: Callable[[torch.Tensor], torch.Tensor], device: torch.device, memory_format: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -70,48 +73,71 @@ def place_generator(generator: Callable[[torch.Tensor], torch.Tensor], device: t
 
 
 @dataclass
-class LayoutChooser:
-    """Runs a generator's first windows with its weights in NCDHW, the next in NDHWC, then keeps the faster layout.
+class NumericsChooser:
+    """Runs a generator's first windows under each candidate (precision, weights' layout), then keeps the fastest.
+
+    Candidates are every pair of ``precisions`` x ``layouts``, the first pair the baseline; each runs ``1 + rounds``
+    consecutive windows, of which the first only warms up (kernel selection). Another candidate is kept when its
+    best window takes at most ``margin`` of the baseline's best and no candidate is faster. Every window's output
+    is used: the choice costs no extra forward pass.
 
     The layout is the weights': oneDNN and cuDNN give a convolution's output the layout of its weights when the
-    input has one channel, as an MRI window has. The module is converted in place, a parameter at a time, once
-    (twice when contiguous wins), so it is never held twice. Of each layout's ``1 + rounds`` windows the first
-    only warms up (kernel selection); channels-last is kept when its best time is at most ``margin`` of
-    contiguous's. Every window's output is used: the choice costs no extra forward pass.
+    input has one channel, as an MRI window has. The module is converted in place, a parameter at a time, so it is
+    never held twice. bf16 runs under autocast without a cast cache (which would keep a bf16 copy of every weight
+    beside the fp32 one); fp32 leaves any enclosing autocast (Lightning's validation) as it is.
     """
 
-    generator: nn.Module
+    generator: nn.Module  # or any callable, with one layout
+    precisions: Sequence[str] = ("32-true",)
+    layouts: Sequence[str] = ("contiguous", "channels_last")
     rounds: int = 2
     margin: float = 0.97
-    seconds: dict[str, list[float]] = field(init=False, default_factory=lambda: {"contiguous": [], "channels_last": []})
-    choice: str | None = field(init=False, default=None)
+    seconds: dict[tuple[str, str], list[float]] = field(init=False)
+    choice: tuple[str, str] | None = field(init=False, default=None)
     calls: int = field(init=False, default=0)
 
+    def __post_init__(self) -> None:
+        self.candidates = [(p, fmt) for p in self.precisions for fmt in self.layouts]
+        self.seconds = {c: [] for c in self.candidates}
+        self._layout: str | None = None  # None: as the module came
+        if len(self.candidates) == 1:
+            self.choice = self.candidates[0]
+
     def _place(self, layout: str) -> None:
-        self.generator.to(memory_format=_torch_format(layout))
+        if layout != self._layout and len(self.layouts) > 1:
+            self.generator.to(memory_format=_torch_format(layout))
+            self._layout = layout
+
+    def _run(self, x: torch.Tensor, candidate: tuple[str, str]) -> torch.Tensor:
+        precision, layout = candidate
+        self._place(layout)
+        if "bf16" in precision:
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, cache_enabled=False):
+                return self.generator(x)
+        return self.generator(x)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.choice is not None:
-            return self.generator(x)
-        per_layout = 1 + self.rounds
-        layout = "contiguous" if self.calls < per_layout else "channels_last"
-        if self.calls in (0, per_layout):
-            self._place(layout)
+            return self._run(x, self.choice)
+        per = 1 + self.rounds
+        candidate = self.candidates[self.calls // per]
+        timed = self.calls % per != 0
         self.calls += 1
         sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
         sync()
         t0 = time.perf_counter()
-        y = self.generator(x)
+        y = self._run(x, candidate)
         sync()
-        if self.calls not in (1, per_layout + 1):
-            self.seconds[layout].append(time.perf_counter() - t0)
-        if len(self.seconds["channels_last"]) >= self.rounds:
-            best = {k: min(v) for k, v in self.seconds.items()}
-            self.choice = "channels_last" if best["channels_last"] <= self.margin * best["contiguous"] else "contiguous"
-            if self.choice == "contiguous":
-                self._place(self.choice)
-            log.info("weights as %s (best of %d windows: contiguous %.0f ms, channels-last %.0f ms)", self.choice, self.rounds,
-                     best["contiguous"] * 1e3, best["channels_last"] * 1e3)
+        if timed:
+            self.seconds[candidate].append(time.perf_counter() - t0)
+        if self.calls == per * len(self.candidates):
+            best = {c: min(t) for c, t in self.seconds.items()}
+            base = self.candidates[0]
+            fastest = min(self.candidates, key=best.__getitem__)
+            self.choice = fastest if best[fastest] <= self.margin * best[base] else base
+            self._place(self.choice[1])
+            log.info("windows in %s, weights as %s (best of %d windows: %s)", self.choice[0], self.choice[1], self.rounds,
+                     ", ".join(f"{p}/{fmt} {best[(p, fmt)] * 1e3:.0f} ms" for p, fmt in self.candidates))
         return y
 
 
@@ -149,22 +175,22 @@ def translate_volume(
 
     Volumes smaller than the window are padded inside MONAI and cropped back. ``precision`` bf16-mixed runs
     the windows under bf16 autocast; ``memory_format`` channels_last hands them to the network as NDHWC
-    (for a network whose weights are NDHWC); ``auto`` converts a generator module to whichever layout
-    :class:`LayoutChooser` times faster on the first windows; ``sw_batch_size="auto"``: :func:`auto_sw_batch_size`.
+    (for a network whose weights are NDHWC). ``auto`` in either times the candidates on the first windows and
+    keeps the fastest (:class:`NumericsChooser`; precision ``auto`` on a device without native bf16: see
+    :func:`inference_numerics`); ``sw_batch_size="auto"``: :func:`auto_sw_batch_size`.
     """
     run_device = torch.device(sw_device) if sw_device is not None else volume.device
-    bf16 = "bf16" in str(precision)
-    channels_last = _check_format(memory_format) == "channels_last"
-    network = LayoutChooser(generator) if memory_format == "auto" and isinstance(generator, nn.Module) else generator
+    _check_format(memory_format)
+    channels_last = memory_format == "channels_last"
+    module = isinstance(generator, nn.Module)  # an exported callable runs as it is: one candidate
+    precisions = ("32-true", "bf16-mixed") if precision == "auto" and module else ("32-true" if precision == "auto" else str(precision),)
+    layouts = ("contiguous", "channels_last") if memory_format == "auto" and module else ("contiguous" if memory_format == "auto" else memory_format,)
+    network = NumericsChooser(generator, precisions, layouts)  # type: ignore[arg-type]
 
     def predictor(x: torch.Tensor) -> torch.Tensor:
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        if bf16:  # no cast cache: it would keep a bf16 copy of every weight beside the fp32 one
-            with torch.autocast(run_device.type, dtype=torch.bfloat16, cache_enabled=False):
-                y = network(x)
-        else:  # leave any enclosing autocast (Lightning's validation) as it is
-            y = network(x)
+        y = network(x)
         # MONAI weights the output in place; at one window per batch the window is a view of the input volume,
         # so an output sharing its storage (an identity-like network) would corrupt the input
         if y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
