@@ -167,7 +167,7 @@ def main(argv: list[str]) -> dict:
               f"{r['predicted_rss_gb']:>8.2f}{r['rss_prediction_error']:>7.1%}")
     for t in translations:
         print(f"translate {t['generator']} {t['shape']} windows {t['roi']} ({t['precision']}, {t['memory_format']}): {t['seconds']:.2f} s, "
-              f"{t['voxels_per_s'] / 1e6:.2f} Mvoxel/s, peak RSS {t['peak_rss_gb']:.2f} GB")
+              f"{t['voxels_per_s'] / 1e6:.2f} Mvoxel/s, peak RSS {t['peak_rss_gb']:.2f} GB" + "".join(f"; {c}" for c in t.get("chosen", [])))
     with open(args["out"], "w") as f:
         json.dump(report, f, indent=2)
     print(f"wrote {args['out']}")

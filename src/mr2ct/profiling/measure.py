@@ -4,6 +4,7 @@ or a sliding-window translation. Worker: ``python -m mr2ct.profiling.measure '<j
 from __future__ import annotations
 
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -155,6 +156,9 @@ def _measure_translate(
     fmt = torch.channels_last_3d if memory_format == "channels_last" else torch.contiguous_format
     net = init_weights(instantiate(cfg.generator)(), str(cfg.model.init_type), float(cfg.model.init_gain)).to(device, memory_format=fmt).eval()
     vol = torch.rand(1, 1, *[int(s) for s in shape]) * 2 - 1
+    chosen = _Messages()  # what NumericsChooser kept for the auto values, as the tools log it
+    logging.getLogger("mr2ct.inference").addHandler(chosen)
+    logging.getLogger("mr2ct.inference").setLevel(logging.INFO)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -165,7 +169,16 @@ def _measure_translate(
     voxels = int(torch.tensor([int(s) for s in shape]).prod())
     med = statistics.median(times)
     return {"seconds": med, "times": times, "voxels_per_s": voxels / med, "peak_rss": peak_rss(), "runtime_rss": runtime,
-            "shape": list(shape), "roi": list(roi), "precision": precision, "memory_format": memory_format}
+            "shape": list(shape), "roi": list(roi), "precision": precision, "memory_format": memory_format, "chosen": chosen.lines}
+
+
+class _Messages(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
 
 
 def measure(job: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
