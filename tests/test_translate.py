@@ -56,12 +56,14 @@ class TimedNet(torch.nn.Module):
     def __init__(self, slow: str):
         super().__init__()
         self.w = torch.nn.Parameter(torch.ones(2, 3, 2, 2, 2))
-        self.slow, self.seen = slow, []
+        self.conv = torch.nn.Conv3d(1, 1, 1)
+        self.slow, self.seen, self.conv_dtypes = slow, [], []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layout = "contiguous" if self.w.is_contiguous() else "channels_last"
         precision = "bf16-mixed" if torch.is_autocast_enabled("cpu") else "32-true"
         self.seen.append((precision, layout))
+        self.conv_dtypes.append(self.conv.weight.dtype)
         if self.slow in (layout, precision):
             time.sleep(0.02)
         return x * 2
@@ -89,6 +91,12 @@ def test_precision_chooser_times_fp32_and_bf16_windows_then_keeps_the_faster(slo
     assert all(torch.equal(o, 2 * x) for o in outs)
     assert [p for p, _ in net.seen[:6]] == ["32-true"] * 3 + ["bf16-mixed"] * 3  # the bf16 windows ran under autocast
     assert chooser.choice == (kept, "contiguous") and [p for p, _ in net.seen[6:]] == [kept] * 3
+    # bf16 windows hold the conv weights in bf16 (other parameters stay fp32); restore() brings back the fp32 ones
+    assert net.conv_dtypes == [torch.bfloat16 if p == "bf16-mixed" else torch.float32 for p, _ in net.seen]
+    assert net.w.dtype == torch.float32
+    weight = net.conv.weight.detach().clone()
+    chooser.restore()
+    assert net.conv.weight.dtype == torch.float32 and (kept == "32-true" or not torch.equal(weight.float(), net.conv.weight))
     assert not torch.is_autocast_enabled("cpu")  # autocast ends with each window
 
 
@@ -107,7 +115,7 @@ def test_numerics_for_translation(ckpt, monkeypatch):
             inference_numerics(run_config, cpu, **bad)
 
 
-def test_auto_layout_translates_as_contiguous_does(ckpt):
+def test_auto_numerics_translate_as_fp32_contiguous_does_and_leave_the_weights_as_they_were(ckpt, monkeypatch):
     g_ab, run_config = load_generator(ckpt, "a2b")
     vol = torch.rand(1, 1, 32, 32, 40) * 2 - 1  # 27 windows of 16³: the choice is made after 6
     kwargs = {"roi_size": [16, 16, 16], "overlap": 0.25, "sw_batch_size": 1}
@@ -115,8 +123,18 @@ def test_auto_layout_translates_as_contiguous_does(ckpt):
     timed = translate_volume(g_ab, vol, memory_format="auto", **kwargs)
     torch.testing.assert_close(timed, plain, rtol=0, atol=1e-5)
     # 12 windows of the 27 timed; bf16 windows differ from fp32 ones by bf16's rounding only
+    before = {k: v.clone() for k, v in g_ab.state_dict().items()}
+    chosen = []
+    monkeypatch.setattr(NumericsChooser, "restore", lambda self, orig=NumericsChooser.restore: (chosen.append(self.choice), orig(self)))
     both = translate_volume(g_ab, vol, precision="auto", memory_format="auto", **kwargs)
     torch.testing.assert_close(both, plain, rtol=0, atol=2e-2)
+    assert chosen[0] is not None
+    # the bf16 windows ran with bf16 conv weights; the fp32 ones are back, exactly, and usable outside inference mode
+    after = g_ab.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) and not after[k].is_inference() for k, v in before.items())
+    bf16 = translate_volume(g_ab, vol, precision="bf16-mixed", memory_format="contiguous", **kwargs)
+    torch.testing.assert_close(bf16, plain, rtol=0, atol=2e-2)
+    assert all(torch.equal(g_ab.state_dict()[k], v) for k, v in before.items())
 
 
 def test_output_keeps_shape_affine_and_input_orientation(ckpt, mri):

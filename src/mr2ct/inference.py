@@ -9,6 +9,7 @@ inverse of the preprocessing on the way out. Memory is bounded by the window (``
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -83,8 +84,10 @@ class NumericsChooser:
 
     The layout is the weights': oneDNN and cuDNN give a convolution's output the layout of its weights when the
     input has one channel, as an MRI window has. The module is converted in place, a parameter at a time, so it is
-    never held twice. bf16 runs under autocast without a cast cache (which would keep a bf16 copy of every weight
-    beside the fp32 one); fp32 leaves any enclosing autocast (Lightning's validation) as it is.
+    never held twice. bf16 windows run under autocast with the convolutions' weights stored in bf16 (what autocast
+    would cast them to on every call, so the same numbers at half the weights' memory); their fp32 values wait in
+    a temporary file meanwhile, and :meth:`restore` puts them back exactly. fp32 leaves any enclosing autocast
+    (Lightning's validation) as it is.
     """
 
     generator: nn.Module  # or any callable, with one layout
@@ -100,8 +103,36 @@ class NumericsChooser:
         self.candidates = [(p, fmt) for p in self.precisions for fmt in self.layouts]
         self.seconds = {c: [] for c in self.candidates}
         self._layout: str | None = None  # None: as the module came
+        self._spill: Any = None  # the fp32 conv weights while they are bf16
         if len(self.candidates) == 1:
             self.choice = self.candidates[0]
+
+    def _conv_params(self) -> list[nn.Parameter]:
+        convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+        return [p for m in self.generator.modules() if isinstance(m, convs) for p in m.parameters(recurse=False)]
+
+    def _weights_in(self, precision: str) -> None:
+        bf16 = "bf16" in precision
+        if not isinstance(self.generator, nn.Module) or bf16 == (self._spill is not None):
+            return
+        params = self._conv_params()
+        with torch.inference_mode(False), torch.no_grad():  # plain tensors: the module may train again
+            if bf16:
+                self._spill = tempfile.TemporaryFile()
+                torch.save([p.data for p in params], self._spill)
+                for p in params:
+                    p.data = p.data.to(torch.bfloat16)
+            else:
+                self._spill.seek(0)
+                saved = torch.load(self._spill, map_location=lambda storage, _: storage, weights_only=True)
+                for p, w in zip(params, saved, strict=True):
+                    p.data = w.to(p.device)
+                self._spill.close()
+                self._spill = None
+
+    def restore(self) -> None:
+        """Put back the fp32 weights of the convolutions (exactly as they came) if bf16 windows left them in bf16."""
+        self._weights_in("32-true")
 
     def _place(self, layout: str) -> None:
         if layout != self._layout and len(self.layouts) > 1:
@@ -110,6 +141,7 @@ class NumericsChooser:
 
     def _run(self, x: torch.Tensor, candidate: tuple[str, str]) -> torch.Tensor:
         precision, layout = candidate
+        self._weights_in(precision)
         self._place(layout)
         if "bf16" in precision:
             with torch.autocast(x.device.type, dtype=torch.bfloat16, cache_enabled=False):
@@ -198,20 +230,23 @@ def translate_volume(
         return y.float()
 
     with torch.inference_mode():
-        if str(sw_batch_size) == "auto":
-            sw_batch_size = auto_sw_batch_size(predictor, roi_size, run_device)
-        return sliding_window_inference(
-            volume,
-            roi_size=[int(r) for r in roi_size],
-            sw_batch_size=int(sw_batch_size),
-            predictor=predictor,
-            overlap=float(overlap),
-            mode=mode,
-            padding_mode="replicate",
-            sw_device=sw_device,
-            device=device,
-            progress=progress,
-        )
+        try:
+            if str(sw_batch_size) == "auto":
+                sw_batch_size = auto_sw_batch_size(predictor, roi_size, run_device)
+            return sliding_window_inference(
+                volume,
+                roi_size=[int(r) for r in roi_size],
+                sw_batch_size=int(sw_batch_size),
+                predictor=predictor,
+                overlap=float(overlap),
+                mode=mode,
+                padding_mode="replicate",
+                sw_device=sw_device,
+                device=device,
+                progress=progress,
+            )
+        finally:
+            network.restore()
 
 
 @dataclass
