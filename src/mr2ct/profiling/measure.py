@@ -139,7 +139,7 @@ def _measure_train(overrides: Sequence[str], steps: int, threads: int | None, tr
 
 def _measure_translate(
     overrides: Sequence[str], shape: Sequence[int], roi: Sequence[int], overlap: float, sw_batch_size: int | str, repeats: int,
-    bounded_heap: bool = True,
+    bounded_heap: bool = True, precision: str = "auto",
 ) -> dict[str, Any]:
     """What ``python -m mr2ct.translate`` runs per volume: one generator (as a checkpoint rebuilds it), the
     run's numerics (:func:`mr2ct.inference.inference_numerics`), sliding windows stitched on the CPU."""
@@ -152,7 +152,7 @@ def _measure_translate(
     runtime = current_rss()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bound_cpu_heap(device, bounded_heap)
-    precision, memory_format = inference_numerics(OmegaConf.to_container(cfg, resolve=True), device)
+    precision, memory_format = inference_numerics(OmegaConf.to_container(cfg, resolve=True), device, precision)
     fmt = torch.channels_last_3d if memory_format == "channels_last" else torch.contiguous_format
     net = init_weights(instantiate(cfg.generator)(), str(cfg.model.init_type), float(cfg.model.init_gain)).to(device, memory_format=fmt).eval()
     vol = torch.rand(1, 1, *[int(s) for s in shape]) * 2 - 1
@@ -185,7 +185,7 @@ def measure(job: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
     """Run a measurement ``job`` in a fresh Python process (so its peak RSS is its own) and return its result.
 
     ``job``: ``{"kind": "train", "overrides": [...], "steps": n, "trial": {"precision": false, "layout": true}}`` or ``{"kind": "translate", "overrides":
-    [...], "shape": [X, Y, Z], "roi": [...], "overlap": 0.25, "sw_batch_size": 1, "repeats": 1, "bounded_heap": true}``; either may name
+    [...], "shape": [X, Y, Z], "roi": [...], "overlap": 0.25, "sw_batch_size": 1, "repeats": 1, "bounded_heap": true, "precision": "auto"}``; either may name
     ``"preload": [modules]`` to import first.
     """
     # A minimal environment: the calling process may carry Lightning's PL_*/rank variables, torch
@@ -212,7 +212,8 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
         return _measure_train(job["overrides"], int(job.get("steps", 3)), job.get("threads"), job.get("trial"))
     if job["kind"] == "translate":
         return _measure_translate(job["overrides"], job["shape"], job["roi"], float(job.get("overlap", 0.25)),
-                                  job.get("sw_batch_size", "auto"), int(job.get("repeats", 1)), bool(job.get("bounded_heap", True)))
+                                  job.get("sw_batch_size", "auto"), int(job.get("repeats", 1)), bool(job.get("bounded_heap", True)),
+                                  str(job.get("precision", "auto")))
     raise ValueError(f"unknown job kind {job['kind']!r}")
 
 
