@@ -100,19 +100,17 @@ def test_precision_chooser_times_fp32_and_bf16_windows_then_keeps_the_faster(slo
     assert not torch.is_autocast_enabled("cpu")  # autocast ends with each window
 
 
-def test_numerics_for_translation(ckpt, monkeypatch):
-    _, run_config = load_generator(ckpt, "a2b")
+def test_numerics_for_translation(monkeypatch):
     cpu = torch.device("cpu")
     for fast in (True, False):
         monkeypatch.setattr("mr2ct.inference.bf16_fast", lambda device, fast=fast: fast)
         # precision auto is timed where bf16 is native, fp32 elsewhere, whatever the run trained with
-        assert inference_numerics(run_config, cpu) == ("auto" if fast else "32-true", "auto")
-        assert inference_numerics({"trainer": {"precision": "bf16-mixed"}}, cpu)[0] == ("auto" if fast else "32-true")
-    assert inference_numerics(run_config, cpu, "bf16-mixed", "channels_last") == ("bf16-mixed", "channels_last")  # explicit values win
-    assert inference_numerics(run_config, cpu, model_path="g.onnx") == ("32-true", "contiguous")  # exports run as exported
+        assert inference_numerics(cpu) == ("auto" if fast else "32-true", "auto")
+    assert inference_numerics(cpu, "bf16-mixed", "channels_last") == ("bf16-mixed", "channels_last")  # explicit values win
+    assert inference_numerics(cpu, model_path="g.onnx") == ("32-true", "contiguous")  # exports run as exported
     for bad in ({"memory_format": "nhwc"}, {"precision": "fp16"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
-            inference_numerics(run_config, cpu, **bad)
+            inference_numerics(cpu, **bad)
 
 
 def test_auto_numerics_translate_as_fp32_contiguous_does_and_leave_the_weights_as_they_were(ckpt, monkeypatch):

@@ -95,7 +95,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     device = resolve_device(str(cfg.device))
     bound_cpu_heap(device, cfg.get("bounded_heap", True))
     generator, run_config = load_generator(cfg.ckpt, "a2b")
-    precision, memory_format = inference_numerics(run_config, device, str(cfg.precision), str(cfg.memory_format), cfg.ckpt)
+    precision, memory_format = inference_numerics(device, str(cfg.precision), str(cfg.memory_format), cfg.ckpt)
     generator = place_generator(generator, device, memory_format)
     data = data_config(cfg, run_config)
     window = [float(w) for w in data.get("ct_window", (-1024.0, 3000.0))]

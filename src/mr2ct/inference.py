@@ -43,9 +43,9 @@ def _torch_format(layout: str) -> torch.memory_format:
 
 
 def inference_numerics(
-    run_config: dict[str, Any], device: torch.device, precision: str = "auto", memory_format: str = "auto", model_path: str | Path = ""
+    device: torch.device, precision: str = "auto", memory_format: str = "auto", model_path: str | Path = ""
 ) -> tuple[str, str]:
-    """(precision, memory format) for translating with a run's generator on ``device``.
+    """(precision, memory format) for translating with a generator on ``device``, whatever its run trained with.
 
     ``auto`` stays ``auto`` where there is a choice to time: :func:`translate_volume` runs the first windows under
     each candidate (:class:`NumericsChooser`) and keeps the fastest, since the numerics that train faster need not

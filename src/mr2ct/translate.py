@@ -114,7 +114,7 @@ def run(cfg: DictConfig) -> list[Path]:
     device = resolve_device(str(cfg.device))
     bound_cpu_heap(device, cfg.get("bounded_heap", True))
     generator, run_config = load_generator(cfg.ckpt, cfg.direction)
-    precision, memory_format = inference_numerics(run_config, device, str(cfg.precision), str(cfg.memory_format), cfg.ckpt)
+    precision, memory_format = inference_numerics(device, str(cfg.precision), str(cfg.memory_format), cfg.ckpt)
     prep = Preprocessing.from_run_config(run_config, OmegaConf.to_container(cfg.spacing) if OmegaConf.is_config(cfg.spacing) else cfg.spacing)
     roi = list(cfg.roi_size) if cfg.roi_size else list(run_config["data"]["patch_size"])
     # a CT written as int16 HU is exact to 1 HU; a synthetic MRI stays in normalised float units

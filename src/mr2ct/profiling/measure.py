@@ -152,7 +152,7 @@ def _measure_translate(
     runtime = current_rss()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bound_cpu_heap(device, bounded_heap)
-    precision, memory_format = inference_numerics(OmegaConf.to_container(cfg, resolve=True), device, precision)
+    precision, memory_format = inference_numerics(device, precision)
     fmt = torch.channels_last_3d if memory_format == "channels_last" else torch.contiguous_format
     net = init_weights(instantiate(cfg.generator)(), str(cfg.model.init_type), float(cfg.model.init_gain)).to(device, memory_format=fmt).eval()
     vol = torch.rand(1, 1, *[int(s) for s in shape]) * 2 - 1
