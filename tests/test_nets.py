@@ -530,3 +530,74 @@ def test_resnet_checkpointing_keeps_no_full_resolution_feature_map():
     assert 0 < kept < full_res_feature_map, (kept, full_res_feature_map)
     y.mean().backward()
     assert all(p.grad is not None for p in g.parameters())
+
+
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records each aten op dispatched (below autocast, so its casts show) with its tensor arguments' dtypes."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((func.overloadpacket.__name__, [a.dtype for a in args if isinstance(a, torch.Tensor)]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode", ["replicate", "reflect"])
+@pytest.mark.parametrize("layer", ["fast", "narrow input", "narrow output"])
+def test_padded_convs_pad_in_the_autocast_dtype(layer, mode):
+    """Under bf16 autocast a replicate/reflect-padded conv pads the bf16 input (autocast would pad in fp32 and
+    cast back): the torch layer's outputs and weight gradients, the input's gradient within one bf16 rounding (the
+    padding's backward sums the border's gradients in bf16), the padding done on bf16 tensors."""
+    from mr2ct.nets.cpu_conv import use_fast_convs
+
+    cin, cout = {"fast": (4, 16), "narrow input": (1, 16), "narrow output": (8, 1)}[layer]
+    ref = nn.Conv3d(cin, cout, 3, padding=1, padding_mode=mode)
+    fast = use_fast_convs(nn.Sequential(copy.deepcopy(ref)))
+    x = torch.randn(2, cin, 6, 8, 10)
+    outs = []
+    for net in (ref, fast):
+        xi = x.clone().requires_grad_()
+        with _Ops() as ops, torch.autocast("cpu", dtype=torch.bfloat16):
+            y = net(xi)
+        y.float().square().sum().backward()
+        pads = [dtypes[0] for name, dtypes in ops.calls if name.endswith("pad3d")]
+        outs.append((y, xi.grad, [p.grad for p in net.parameters()], pads))
+    (y_ref, gx_ref, gp_ref, pads_ref), (y, gx, gp, pads) = outs
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    assert pads_ref == [torch.float32] and pads == [torch.bfloat16]
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(gx, gx_ref, rtol=2 ** -6, atol=2 ** -8 * gx_ref.abs().max().item())
+    for a, b in zip(gp, gp_ref):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_instance_norm_of_channels_last_input_skips_the_group_norm_kernel(dtype):
+    """Channels-last input on CPU: the instance norm runs the batch-norm kernel per sample (the group-norm kernel
+    is many times slower there) with the same outputs and gradients, and its output stays channels-last."""
+    from mr2ct.nets.norms import InstanceNorm3d
+
+    norm = InstanceNorm3d(8, affine=True)
+    nn.init.normal_(norm.weight, 1.0, 0.3)
+    nn.init.normal_(norm.bias)
+    x = (torch.randn(2, 8, 5, 6, 7) * 3 + 2).to(dtype)
+    g = torch.randn_like(x)
+    outs = []
+    for layout in (torch.contiguous_format, torch.channels_last_3d):
+        norm.zero_grad()
+        xi = x.clone(memory_format=layout).requires_grad_()
+        with _Ops() as ops:
+            y = norm(xi)
+            y.backward(g.contiguous(memory_format=layout))
+        outs.append((y, xi.grad, norm.weight.grad.clone(), norm.bias.grad.clone(), {name for name, _ in ops.calls}))
+    (y_nc, gx_nc, gw_nc, gb_nc, ops_nc), (y_cl, gx_cl, gw_cl, gb_cl, ops_cl) = outs
+    assert "native_group_norm" in ops_nc
+    assert "native_group_norm" not in ops_cl and "native_batch_norm" in ops_cl
+    assert y_cl.is_contiguous(memory_format=torch.channels_last_3d) and not y_cl.is_contiguous()
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(y_cl, y_nc, **tol)
+    torch.testing.assert_close(gx_cl, gx_nc, **tol)
+    torch.testing.assert_close(gw_cl, gw_nc, **tol)
+    torch.testing.assert_close(gb_cl, gb_nc, **tol)

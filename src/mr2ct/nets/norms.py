@@ -27,7 +27,8 @@ def _check_norm(norm: str) -> str:
 
 
 class InstanceNorm3d(nn.InstanceNorm3d):
-    """``nn.InstanceNorm3d`` (no running statistics) computed by the group-norm kernel with one group per channel.
+    """``nn.InstanceNorm3d`` (no running statistics) computed by the group-norm kernel with one group per channel,
+    or for channels-last input on CPU by the batch-norm kernel one sample at a time.
 
     Same maths, parameters and state-dict keys; PyTorch's instance norm reshapes to a (1, B*C, ...) batch norm,
     which on CPU is slower forward+backward than ``group_norm``.
@@ -36,7 +37,19 @@ class InstanceNorm3d(nn.InstanceNorm3d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.track_running_stats or x.dim() != 5:
             return super().forward(x)
+        if _channels_last_cpu(x):
+            # the CPU group-norm kernel is slow on channels-last input (bf16: ~20x the contiguous time), the
+            # channels-last batch-norm kernel is not; one sample's batch statistics are its instance statistics
+            parts = [nn.functional.batch_norm(s, None, None, self.weight, self.bias, True, 0.0, self.eps) for s in x.split(1)]
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
         return nn.functional.group_norm(x, self.num_features, self.weight, self.bias, self.eps)
+
+
+def _channels_last_cpu(x: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu" and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
+        and x[0, 0].numel() > 1
+    )
 
 
 def use_fast_instance_norm(net: nn.Module) -> nn.Module:
