@@ -109,8 +109,9 @@ def main(argv: list[str]) -> dict:
                          *extra, *saver_overrides(saver)]
             cfg = P.compose(overrides, resolve_auto=False)
             # mr2ct.train settles auto numerics on its first steps (mr2ct/training/numerics_trial.py)
-            trial = trial_axes(cfg, str(cfg.trainer.precision) == "auto", str(cfg.model.memory_format) == "auto")
+            auto = str(cfg.trainer.precision) == "auto", str(cfg.model.memory_format) == "auto"
             resolve(cfg)  # auto numerics resolved once; the measuring process gets the same choice
+            trial = trial_axes(cfg, *auto)
             overrides += [f"trainer.precision={cfg.trainer.precision}", f"model.memory_format={cfg.model.memory_format}"]
             t0 = time.time()
             m = P.measure({"kind": "train", "overrides": overrides, "steps": steps, "threads": threads,

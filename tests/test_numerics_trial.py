@@ -195,6 +195,10 @@ def test_what_is_tried(train_cfg, monkeypatch):
     assert make_trial(train_cfg(base), False, False, {}) is None
     assert make_trial(train_cfg([*base, "trainer=ddp", "trainer.devices=2"]), True, True, {}) is None
     assert make_trial(train_cfg([*base, "model.compile=true"]), True, True, {}) is None
+    # the activation savers asked for memory: the probe's choice stands (the trial's steps would raise the peak)
+    assert make_trial(train_cfg([*base, "model.split_backward=true"]), True, True, {}) is None
+    assert make_trial(train_cfg([*base, "generator.checkpointing=true"]), True, True, {}) is None
+    assert make_trial(train_cfg([*base, "model.optimizer_state=bfloat16"]), True, True, {}) is not None
 
 
 def test_switching_layout_changes_no_value_of_the_optimizer_step():

@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mr2ct.nets.autocast_pad import AutocastPadConv3d
+
 __all__ = ["narrow_conv3d", "FastConv3d", "NarrowInputConv3d", "NarrowConv3d", "NarrowConvTranspose3d", "PhaseConvTranspose3d", "use_fast_convs"]
 
 #: oneDNN's output-channel block on AVX-512: narrower layers cost as much as this many channels
@@ -137,25 +139,7 @@ def _narrow_applies(layer: nn.Module, x: Tensor) -> bool:
     )
 
 
-class _AutocastPadConv3d(nn.Conv3d):
-    """``nn.Conv3d`` that pads in the autocast dtype: autocast runs replicate and reflect padding in float32, so a
-    bf16 run would cast every padded input up, pad it, and cast it back down for the convolution (a quarter of the
-    peer configuration's bf16 generator step on an AMX Xeon). Same values: padding copies, casting commutes."""
-
-    def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        kind = x.device.type
-        padded = self.padding_mode != "zeros" and not isinstance(self.padding, str)
-        if not (padded and torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)):
-            return super()._conv_forward(x, weight, bias)
-        dtype = torch.get_autocast_dtype(kind)
-        if x.dtype not in (torch.float32, dtype):  # autocast leaves other dtypes (float64) as they are
-            return super()._conv_forward(x, weight, bias)
-        with torch.autocast(kind, enabled=False):
-            x = F.pad(x.to(dtype), self._reversed_padding_repeated_twice, mode=self.padding_mode)
-        return F.conv3d(x, weight, bias, self.stride, 0, self.dilation, self.groups)
-
-
-class FastConv3d(_AutocastPadConv3d):
+class FastConv3d(AutocastPadConv3d):
     """``nn.Conv3d`` that calls oneDNN directly on CPU in float32 (PyTorch's heuristic may pick ``slow_conv3d``)."""
 
     def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -229,7 +213,7 @@ def _narrow_input_applies(layer: nn.Conv3d) -> bool:
     )
 
 
-class NarrowConv3d(_AutocastPadConv3d):
+class NarrowConv3d(AutocastPadConv3d):
     """``nn.Conv3d`` that runs :func:`narrow_conv3d` on CPU when ``out_channels < 16`` (stride/dilation 1, one group).
 
     With a replicate or reflect padding (the ResNet head's) it runs slab by slab along W (:class:`_PaddedNarrowConv`)

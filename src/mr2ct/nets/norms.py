@@ -38,7 +38,7 @@ class InstanceNorm3d(nn.InstanceNorm3d):
         if self.track_running_stats or x.dim() != 5:
             return super().forward(x)
         if _channels_last_cpu(x):
-            # the CPU group-norm kernel is slow on channels-last input (bf16: ~20x the contiguous time), the
+            # the CPU group-norm kernel is many times slower on channels-last input than on contiguous, the
             # channels-last batch-norm kernel is not; one sample's batch statistics are its instance statistics
             parts = [nn.functional.batch_norm(s, None, None, self.weight, self.bias, True, 0.0, self.eps) for s in x.split(1)]
             return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -194,9 +194,14 @@ class NumericsTrial(pl.Callback):
 def trial_axes(cfg: DictConfig, precision_auto: bool, layout_auto: bool) -> dict[str, bool] | None:
     """What the trial tries for a run whose ``trainer.precision`` / ``model.memory_format`` was ``auto``, as
     :class:`NumericsTrial` keywords, or None for no trial: precision only where the training device runs bf16
-    natively; one device and eager generators only."""
+    natively; one device, eager generators and no activation savers only."""
     compiled = bool(cfg.model.get("compile", False))
     if compiled or num_devices(cfg.trainer.get("devices", 1)) > 1 or int(cfg.trainer.get("num_nodes", 1)) > 1:
+        return None
+    if bool(cfg.model.get("split_backward", False)) or bool(cfg.generator.get("checkpointing", False)):
+        # a run that asked for less memory: the candidates' steps and the switches between them raise its peak above
+        # what any one candidate holds (fp32 steps twice the activations; each layout switch rewrites every weight,
+        # gradient and moment), so the probe's choice stands
         return None
     precision = precision_auto and bf16_fast(training_device(str(cfg.trainer.get("accelerator", "auto"))))
     return {"precision": precision, "layout": layout_auto} if precision or layout_auto else None
