@@ -17,11 +17,10 @@ class AutocastPadConv3d(nn.Conv3d):
 
     def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         kind = x.device.type
-        padded = self.padding_mode != "zeros" and not isinstance(self.padding, str)
-        if not (padded and torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)):
-            return super()._conv_forward(x, weight, bias)
-        dtype = torch.get_autocast_dtype(kind)
-        if x.dtype not in (torch.float32, dtype):  # autocast leaves other dtypes (float64) as they are
+        autocast = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+        dtype = torch.get_autocast_dtype(kind) if autocast else None
+        # autocast leaves other input dtypes (float64) as they are
+        if not autocast or self.padding_mode == "zeros" or isinstance(self.padding, str) or x.dtype not in (torch.float32, dtype):
             return super()._conv_forward(x, weight, bias)
         with torch.autocast(kind, enabled=False):
             x = F.pad(x.to(dtype), self._reversed_padding_repeated_twice, mode=self.padding_mode)

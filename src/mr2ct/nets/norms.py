@@ -48,7 +48,7 @@ class InstanceNorm3d(nn.InstanceNorm3d):
 def _channels_last_cpu(x: torch.Tensor) -> bool:
     return (
         x.device.type == "cpu" and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
-        and x[0, 0].numel() > 1
+        and x.shape[2:].numel() > 1
     )
 
 
